@@ -1,0 +1,18 @@
+// mops_kernels._C: the table of contents of the compiled ops, one m.def per op.
+// Each op's glue (argument checks, device guard, stream, dtype dispatch) lives in its own file.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mops_kernels compiled kernels (C++ CPU, and CUDA when built with it)";
+#ifdef WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  // ---- CPU ---------------------------------------------------------------------------------
+  // ---- CUDA --------------------------------------------------------------------------------
+#ifdef WITH_CUDA
+#endif
+}
