@@ -1,0 +1,41 @@
+"""Shared test set-up.
+
+TRITON_INTERPRET=1 must be set before any @triton.jit kernel is defined (Triton reads it at
+decoration time), so it is set here, before mops_kernels is imported. Tests that prove a backend
+force it with the `backend` fixture (MOPS_BACKEND), so the dispatcher raises instead of falling back.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mops_kernels import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def available_backends(device: str = "cpu"):
+    """Backends that can run on `device` in this environment (capability, not runtime errors)."""
+    dev = torch.device(device)
+    out = []
+    for b in _backend.BACKENDS:
+        if _backend.why_not(b, dev, _backend.BACKENDS) is None:
+            out.append(b)
+    return out
+
+
+@pytest.fixture
+def force_backend(monkeypatch):
+    """force_backend('triton') -> every op in this test runs on that backend or raises."""
+    def _force(name):
+        monkeypatch.setenv("MOPS_BACKEND", name)
+    return _force
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
