@@ -1,0 +1,151 @@
+"""gate_topk (SPEC §2) on the Triton backend (TRITON_INTERPRET=1 here) against the fp32 reference."""
+import pytest
+import torch
+
+from mops_kernels import reference
+from mops_kernels.ops.gate_topk import gate_topk
+from utils import rel_err
+
+ACTS = sorted(reference.ACTIVATIONS)
+
+
+def _inputs(B, T, d, h, E, dtype=torch.float32, p_keep=0.6):
+    hidden = torch.randn(B, T, d, dtype=dtype)
+    mask = (torch.rand(B, T) < p_keep).to(torch.int64)
+    w1 = torch.randn(h, d) / d ** 0.5
+    b1 = torch.randn(h) * 0.1
+    w2 = torch.randn(E, h) / h ** 0.5 * 3      # spread the scores so top-k is well separated
+    b2 = torch.randn(E) * 0.1
+    return hidden, mask, w1, b1, w2, b2
+
+
+def _grads(outw, params, g):
+    return torch.autograd.grad((outw * g).sum(), params)
+
+
+@pytest.mark.parametrize("B,T,d,h,E,k,act", [
+    (3, 37, 37, 19, 5, 2, "gelu"),
+    (2, 11, 576, 40, 64, 7, "gelu_tanh"),
+    (17, 5, 64, 16, 8, 8, "relu"),          # k = E: dense mixing; B > BLOCK_B: two programs
+    (4, 37, 37, 19, 9, 1, "silu"),
+    (1, 3, 33, 21, 3, 3, "tanh"),
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4)])
+def test_forward_backward_matches_reference(force_backend, B, T, d, h, E, k, act, dtype, tol):
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(B, T, d, h, E, dtype)
+    params = [t.requires_grad_() for t in (hidden, w1, b1, w2, b2)]
+    idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, k, activation=act)
+    ridx, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, k, activation=act)
+    assert idx.dtype == torch.int32 and idx.shape == (B, k)
+    assert w.dtype == torch.float32 and w.shape == (B, k)
+    assert torch.equal(idx, ridx)
+    assert not torch.isnan(w).any()
+    assert rel_err(w, rw) <= tol
+    assert torch.all(w[:, :-1] >= w[:, 1:])                 # sorted descending
+    assert torch.allclose(w.sum(-1), torch.ones(B), atol=1e-6)
+    g = torch.randn(B, k)
+    for name, got, want in zip(("hidden", "w1", "b1", "w2", "b2"), _grads(w, params, g),
+                               _grads(rw, params, g)):
+        assert not torch.isnan(got).any(), name
+        assert rel_err(got, want) <= tol or (want.norm() < 1e-6 and got.norm() < 1e-5), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_hidden(force_backend, dtype):
+    """bf16/fp16 hidden: pooled in fp32 by both, so the result matches the reference closely."""
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(3, 37, 37, 19, 6, dtype)
+    idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, 3)
+    ridx, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, 3)
+    assert torch.equal(idx, ridx)
+    assert rel_err(w, rw) <= 1e-4
+
+
+def test_exact_ties_lower_index_first(force_backend):
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(4, 9, 37, 19, 8)
+    # Slots 1, 4 and 6 are exact copies: their scores, and so their probabilities, tie exactly.
+    w2[4] = w2[1]
+    w2[6] = w2[1]
+    b2[4] = b2[1]
+    b2[6] = b2[1]
+    b2[1] += 10.0
+    b2[4] += 10.0
+    b2[6] += 10.0        # make the tied triple the top three for every request
+    for k in (1, 2, 3, 4):
+        idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, k)
+        ridx, _ = reference.gate_topk(hidden, mask, w1, b1, w2, b2, k)
+        assert torch.equal(idx, ridx)
+        assert idx[:, : min(k, 3)].tolist() == [[1, 4, 6][: min(k, 3)]] * 4
+
+
+def test_all_tied_scores(force_backend):
+    """w2 = 0 and b2 constant: every slot ties; indices must be 0..k-1, weights 1/k."""
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(3, 7, 37, 19, 10)
+    w2.zero_()
+    b2.fill_(0.3)
+    idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, 4)
+    assert idx.tolist() == [[0, 1, 2, 3]] * 3
+    assert torch.allclose(w, torch.full((3, 4), 0.25))
+
+
+def test_few_tokens_and_empty_mask_row(force_backend):
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(4, 37, 37, 19, 7)
+    mask.zero_()
+    mask[0, 36] = 1            # one token, at the end
+    mask[2, 0] = 1
+    mask[2, 17] = 1            # two tokens
+    # rows 1 and 3: no token at all -> z = 0, scores = w2 act(b1) + b2
+    hidden.requires_grad_()
+    idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, 3)
+    ridx, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, 3)
+    assert torch.equal(idx, ridx)
+    assert rel_err(w, rw) <= 1e-4
+    assert torch.equal(idx[1], idx[3])
+    z0 = torch.zeros(1, 1, 37)
+    zidx, _ = reference.gate_topk(z0, torch.ones(1, 1), w1, b1, w2, b2, 3)
+    assert torch.equal(idx[1], zidx[0])
+    g = torch.randn(4, 3)
+    (dh,) = torch.autograd.grad((w * g).sum(), [hidden])
+    (rdh,) = torch.autograd.grad((rw * g).sum(), [hidden])
+    assert rel_err(dh, rdh) <= 1e-4
+    assert dh[1].abs().max() == 0 and dh[0, :36].abs().max() == 0
+
+
+def test_non_contiguous_hidden(force_backend):
+    force_backend("triton")
+    base = torch.randn(3, 37, 80)
+    hidden = base[:, :, 5:42]                        # d = 37, stride(1) = 80
+    _, mask, w1, b1, w2, b2 = _inputs(3, 37, 37, 19, 6)
+    idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, 2)
+    ridx, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, 2)
+    assert torch.equal(idx, ridx) and rel_err(w, rw) <= 1e-4
+
+
+@pytest.mark.parametrize("change,name", [
+    (dict(k=6), "k"), (dict(k=0), "k"),
+    (dict(mask=torch.ones(3, 5)), "mask"),
+    (dict(w1=torch.randn(19, 36)), "w1"),
+    (dict(b1=torch.randn(18)), "b1"),
+    (dict(w2=torch.randn(5, 18)), "w2"),
+    (dict(b2=torch.randn(4)), "b2"),
+    (dict(hidden=torch.randn(3, 37)), "hidden"),
+    (dict(activation="swish"), "activation"),
+])
+def test_bad_input_names_the_argument(change, name):
+    hidden, mask, w1, b1, w2, b2 = _inputs(3, 37, 37, 19, 5)
+    args = dict(hidden=hidden, mask=mask, w1=w1, b1=b1, w2=w2, b2=b2, k=2, activation="gelu")
+    args.update(change)
+    with pytest.raises(ValueError, match=name):
+        gate_topk(**args)
+
+
+def test_torch_backend_is_the_reference(force_backend):
+    force_backend("torch")
+    hidden, mask, w1, b1, w2, b2 = _inputs(2, 5, 37, 19, 5)
+    idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, 2)
+    ridx, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, 2)
+    assert torch.equal(idx, ridx) and torch.equal(w, rw)
