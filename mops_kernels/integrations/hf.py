@@ -1,0 +1,355 @@
+"""Drop-in Hugging Face integration: `attach(model, prompts)` / `detach(model)` (SPEC §5).
+
+One table (FAMILIES) covers the Llama, Mistral and Qwen2 families: where the decoder layers live and
+which attention classes they use. Nothing per model is copied: our attention is registered in
+transformers' AttentionInterface under ATTN_NAME, and the per-request prefix information travels to
+every layer as the `mops_prefix` keyword that transformers forwards from the model's forward call
+down to the attention function.
+
+What attach does, on the model instance only (detach restores all of it):
+- `model.config._attn_implementation` -> ATTN_NAME (our prefix attention, SPEC §1);
+- `model.forward` / `model.generate` wrapped: they accept `expert_index` [B, k] and `expert_weight`
+  [B, k] and carry a `_Request` (the experts of each row, the 2-D padding mask, IAPT prefixes);
+- MoPs: a forward hook on decoder layer `gate.gate_layer` runs the gate on the hidden state after that
+  layer (masked mean over the prompt tokens) at prefill, in the same forward pass; the chosen experts
+  stay with each row for every decode step (beams of one request share them);
+- IAPT: a forward pre-hook on every injected layer turns the hidden states entering it into that
+  request's 4 prefix tokens at prefill (per-request slots in `prefix_attention`).
+`quantize=True` also swaps every nn.Linear of the decoder for an Int4Linear (irreversible).
+Everything is validated before anything is touched: a ValueError names the mismatch.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional
+
+import torch
+
+ATTN_NAME = "mops_hf"
+
+# family (config.model_type) -> (decoder layer list attribute path, attention module class names)
+FAMILIES = {
+    "llama": ("model.layers", ("LlamaAttention",)),
+    "mistral": ("model.layers", ("MistralAttention",)),
+    "qwen2": ("model.layers", ("Qwen2Attention",)),
+}
+
+
+def _prefix_attention():
+    """Our kernel when it is importable, else the fp32 reference (same signature)."""
+    try:
+        from mops_kernels.ops.prefix_attention import prefix_attention
+        return prefix_attention, True
+    except ImportError:
+        from mops_kernels.reference import prefix_attention
+        return prefix_attention, False
+
+
+def run_prefix_attention(q, k, v, pk, pv, idx, w, *, lens=None, mask=None, causal=True, scale=None):
+    """prefix_attention that also takes no prefix at all (pk None): [B, Hq, T, D] in q's dtype."""
+    fn, accepts_none = _prefix_attention()
+    if pk is None and not accepts_none:
+        B, Hkv, D = q.shape[0], k.shape[1], q.shape[-1]
+        pk = pv = q.new_zeros(1, 1, Hkv, D)        # one empty slot, never selected
+        idx = torch.full((B, 1), -1, dtype=torch.int32, device=q.device)
+        w = lens = None
+    out = fn(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=mask, causal=causal, scale=scale)
+    return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The prompts object: MixtureOfPrompts, InstructionPromptGenerator or None (duck-typed).
+# --------------------------------------------------------------------------------------------
+class _Plan:
+    """What the model must do per request, unpacked from `prompts`."""
+
+    def __init__(self, prompts, num_layers):
+        self.prompts = prompts
+        self.bank = self.gate = self.generator = None
+        self.inject_from = num_layers
+        self.position_offset = int(getattr(prompts, "position_offset", 0) or 0)
+        if prompts is None:
+            return
+        if hasattr(prompts, "to_prefix"):                       # InstructionPromptGenerator
+            self.generator = prompts
+            layers = getattr(prompts, "inject_layers", None)
+            self.inject_layers = sorted(int(x) for x in layers) if layers is not None else None
+            self.inject_from = int(getattr(prompts, "inject_from", 0))
+            return
+        if hasattr(prompts, "bank"):                           # MixtureOfPrompts
+            self.bank, self.gate = prompts.bank, getattr(prompts, "gate", None)
+            self.inject_from = int(getattr(prompts, "inject_from", 0))
+        elif hasattr(prompts, "layer") and hasattr(prompts, "lens"):   # a bare PromptBank
+            self.bank = prompts
+            self.inject_from = 0
+        else:
+            raise ValueError(f"attach: prompts must be a MixtureOfPrompts, an InstructionPromptGenerator, "
+                             f"a PromptBank or None, got {type(prompts).__name__}")
+
+    @property
+    def num_experts(self):
+        return int(self.bank.lens.numel()) if self.bank is not None else 0
+
+    def generator_layers(self, num_layers):
+        if self.inject_layers is not None:
+            return self.inject_layers
+        return list(range(self.inject_from, num_layers))
+
+
+def _get_path(obj, path):
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _validate(model, plan):
+    cfg = model.config
+    family = getattr(cfg, "model_type", None)
+    if family not in FAMILIES:
+        raise ValueError(f"attach: unsupported architecture model_type={family!r}; supported: {sorted(FAMILIES)}")
+    path, attn_classes = FAMILIES[family]
+    layers = _get_path(model, path)
+    if layers is None:
+        raise ValueError(f"attach: {type(model).__name__} has no decoder layers at '{path}'")
+    for i, layer in enumerate(layers):
+        if type(getattr(layer, "self_attn", None)).__name__ not in attn_classes:
+            raise ValueError(f"attach: layer {i} attention is {type(getattr(layer, 'self_attn', None)).__name__}, "
+                             f"expected one of {attn_classes}")
+    if getattr(model, "_mops_attached", None) is not None:
+        raise ValueError("attach: the model already has mops attached; detach(model) first")
+    L = len(layers)
+    Hkv = cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    bank = plan.bank
+    if bank is not None:
+        nl = getattr(bank, "num_layers", None)
+        if nl is not None and nl != L:
+            raise ValueError(f"attach: prompt bank built for {nl} layers, model has {L}")
+        for l in range(L):
+            kv = bank.layer(l)
+            if kv is None:
+                continue
+            pk = kv[0]
+            if pk.dim() != 4 or pk.shape[2] != Hkv or pk.shape[3] != D:
+                raise ValueError(f"attach: prompt bank layer {l} has prefix_k {tuple(pk.shape)}, model needs "
+                                 f"[E, P, Hkv={Hkv}, D={D}]")
+            if l < plan.inject_from:
+                raise ValueError(f"attach: prompt bank has layer {l} < inject_from={plan.inject_from}")
+    if plan.gate is not None:
+        g = int(plan.gate.gate_layer)
+        if not 0 <= g < L:
+            raise ValueError(f"attach: gate_layer={g} out of range for a model with {L} layers")
+        if plan.inject_from <= g:
+            raise ValueError(f"attach: inject_from={plan.inject_from} must be > gate_layer={g}")
+        if plan.num_experts and int(plan.gate.top_k) > plan.num_experts:
+            raise ValueError(f"attach: gate top_k={plan.gate.top_k} > {plan.num_experts} experts")
+    if plan.generator is not None:
+        for l in plan.generator_layers(L):
+            if not 0 <= l < L:
+                raise ValueError(f"attach: prompt generator layer {l} out of range for {L} layers")
+    if plan.prompts is not None and hasattr(plan.prompts, "check_compatible"):
+        plan.prompts.check_compatible(model)      # raises ValueError naming the mismatch
+    return layers
+
+
+def check_expert_index(index, weight, num_experts):
+    """Validate explicit slots: index [B, k] int in [-1, E), weight [B, k] >= 0 or None."""
+    if index is None:
+        if weight is not None:
+            raise ValueError("expert_weight given without expert_index")
+        return
+    if index.dim() != 2:
+        raise ValueError(f"expert_index must have shape [B, k], got {tuple(index.shape)}")
+    if index.dtype.is_floating_point:
+        raise ValueError(f"expert_index must be an integer tensor, got {index.dtype}")
+    if num_experts == 0:
+        raise ValueError("expert_index given but no prompt bank is attached")
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= num_experts):
+        raise ValueError(f"expert_index out of range: values must be in [-1, {num_experts}), got "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    if weight is not None and tuple(weight.shape) != tuple(index.shape):
+        raise ValueError(f"expert_weight must have shape {tuple(index.shape)} like expert_index, "
+                         f"got {tuple(weight.shape)}")
+    if weight is not None and weight.numel() and float(weight.min()) < 0:
+        raise ValueError("expert_weight must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-request state, carried as the `mops_prefix` keyword through every layer.
+# --------------------------------------------------------------------------------------------
+class _Request:
+    def __init__(self, plan, index=None, weight=None):
+        self.plan = plan
+        self.index = None if index is None else index.to(torch.int32)
+        self.weight = None if weight is None else weight.float()
+        self.mask = None          # [B, S] 1 = real token, for the current forward
+        self.prefill = True       # the first forward of this request set (gate, IAPT run here)
+        self.iapt = {}            # layer -> (k [B, 4, Hkv, D], v)
+
+    def begin(self, batch, mask):
+        """Called before each forward: batch rows (beams expanded) and the 2-D mask."""
+        for name in ("index", "weight"):
+            t = getattr(self, name)
+            if t is not None and t.shape[0] != batch:
+                if batch % t.shape[0]:
+                    raise ValueError(f"expert_index has {t.shape[0]} rows, the batch has {batch}")
+                setattr(self, name, t.repeat_interleave(batch // t.shape[0], dim=0))  # beams share experts
+        self.mask = mask
+        self.needs_gate = self.prefill and self.index is None and self.plan.gate is not None
+
+    def prefix(self, layer_idx, device):
+        """(prefix_k, prefix_v, index, weight, lens) for one layer, or Nones."""
+        plan = self.plan
+        if plan.generator is not None and layer_idx in self.iapt:
+            k, v = self.iapt[layer_idx]
+            B = k.shape[0]
+            return k, v, torch.arange(B, dtype=torch.int32, device=device).view(B, 1), None, None
+        if plan.bank is not None and layer_idx >= plan.inject_from and self.index is not None:
+            kv = plan.bank.layer(layer_idx)
+            if kv is not None:
+                return kv[0], kv[1], self.index.to(device), \
+                    None if self.weight is None else self.weight.to(device), plan.bank.lens
+        return None, None, None, None, None
+
+
+def mops_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> ([B, T, Hq, D], None)."""
+    req = kwargs.get("mops_prefix")
+    B, S = key.shape[0], key.shape[2]
+    mask = None
+    if req is not None and req.mask is not None:
+        mask = req.mask
+        if mask.shape[1] != S:    # a static cache is longer than the mask: the tail is unused
+            pad = mask.new_zeros(B, S - mask.shape[1]) if mask.shape[1] < S else None
+            mask = torch.cat([mask, pad], 1) if pad is not None else mask[:, -S:]
+    pk = pv = idx = w = lens = None
+    if req is not None:
+        pk, pv, idx, w, lens = req.prefix(module.layer_idx, query.device)
+    out = run_prefix_attention(query, key, value, pk, pv, idx, w, lens=lens, mask=mask, causal=True,
+                               scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register():
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTN_NAME, mops_attention)
+
+
+# --------------------------------------------------------------------------------------------
+# attach / detach
+# --------------------------------------------------------------------------------------------
+class _Attached:
+    def __init__(self, plan, attn_impl, hooks):
+        self.plan, self.attn_impl, self.hooks = plan, attn_impl, hooks
+        self.current: Optional[_Request] = None     # set by generate for all its forwards
+
+
+def _layer_output_hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def attach(model, prompts=None, *, quantize=False):
+    """Patch `model` (an HF causal LM) in place to run our prefix attention with `prompts`."""
+    plan = _Plan(prompts, getattr(model.config, "num_hidden_layers", 0))
+    layers = _validate(model, plan)                 # raises before anything changes
+    if quantize:
+        from mops_kernels.modules.int4_linear import replace_linears
+        replace_linears(_get_path(model, FAMILIES[model.config.model_type][0].rsplit(".", 1)[0]))
+    _register()
+    hooks = []
+    if plan.gate is not None:
+        def gate_hook(mod, args, kwargs, out):
+            req = kwargs.get("mops_prefix")
+            if req is None or not req.needs_gate:
+                return
+            h = _layer_output_hidden(out)
+            T = h.shape[1]
+            m = req.mask[:, -T:] if req.mask is not None else h.new_ones(h.shape[:2])
+            idx, w = plan.gate(h, m)
+            req.index, req.weight = idx.to(torch.int32), w.float()
+            req.needs_gate = False
+        hooks.append(layers[int(plan.gate.gate_layer)].register_forward_hook(gate_hook, with_kwargs=True))
+    if plan.generator is not None:
+        for l in plan.generator_layers(len(layers)):
+            def iapt_hook(mod, args, kwargs, l=l):
+                req = kwargs.get("mops_prefix")
+                if req is None or not req.prefill:
+                    return
+                H = args[0] if args else kwargs["hidden_states"]
+                T = H.shape[1]
+                m = req.mask[:, -T:] if req.mask is not None else H.new_ones(H.shape[:2])
+                soft = plan.generator(l, H, m)
+                req.iapt[l] = plan.generator.to_prefix(mod, soft)
+            hooks.append(layers[l].register_forward_pre_hook(iapt_hook, with_kwargs=True))
+
+    state = _Attached(plan, model.config._attn_implementation, hooks)
+    orig_forward, orig_generate = model.forward, model.generate
+
+    @functools.wraps(orig_forward)
+    def forward(*args, expert_index=None, expert_weight=None, mops_prefix=None, **kwargs):
+        if args:                                     # forward(input_ids, ...)
+            kwargs.update(zip(list(inspect.signature(orig_forward).parameters)[:len(args)], args))
+        req = mops_prefix or state.current
+        if req is None:
+            check_expert_index(expert_index, expert_weight, plan.num_experts)
+            req = _Request(plan, expert_index, expert_weight)
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs["inputs_embeds"]
+        B, T = x.shape[0], x.shape[1]
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
+        req.begin(B, mask)
+        if plan.position_offset:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
+            kwargs["position_ids"] = pos + plan.position_offset
+        try:
+            return orig_forward(mops_prefix=req, **kwargs)
+        finally:
+            req.prefill = False
+
+    @functools.wraps(orig_generate)
+    def generate(*args, expert_index=None, expert_weight=None, **kwargs):
+        check_expert_index(expert_index, expert_weight, plan.num_experts)
+        if plan.bank is not None and plan.gate is None and expert_index is None:
+            raise ValueError("generate: this prompt bank has no gate; pass expert_index=[B, k]")
+        state.current = _Request(plan, expert_index, expert_weight)
+        try:
+            return orig_generate(*args, **kwargs)
+        finally:
+            state.current = None
+
+    model.forward, model.generate = forward, generate
+    _set_attn(model, ATTN_NAME)
+    model._mops_attached = state
+    return model
+
+
+def _set_attn(model, name):
+    # Every sub-config shares the name through config._attn_implementation; set it on all of them.
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = name
+
+
+def detach(model):
+    """Undo attach: original forward/generate and attention, hooks removed (Int4 swaps stay)."""
+    state = getattr(model, "_mops_attached", None)
+    if state is None:
+        raise ValueError("detach: nothing is attached to this model")
+    for h in state.hooks:
+        h.remove()
+    for name in ("forward", "generate"):
+        model.__dict__.pop(name, None)
+    _set_attn(model, state.attn_impl)
+    del model._mops_attached
+    return model

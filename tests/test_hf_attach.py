@@ -1,0 +1,208 @@
+"""attach/detach on transformers models (SPEC §5): parity with the unpatched model, per-row experts
+in mixed batches equal to each request alone, explicit slots, beam search, IAPT, errors."""
+import pytest
+import torch
+
+from _hf_doubles import Generator, left_padded, row, tiny_model, tiny_mops
+from mops_kernels.integrations.hf import ATTN_NAME, attach, detach
+
+GEN = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
+
+
+def _gen_rows(model, ids, mask, **kw):
+    """Generated tokens of each row (prompt and padding stripped)."""
+    out = model.generate(input_ids=ids, attention_mask=mask, **GEN, **kw)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_no_prompts_same_tokens_and_logits(family):
+    model = tiny_model(family)
+    ids, mask = left_padded()
+    want = _gen_rows(model, ids, mask)
+    want_logits = model(input_ids=ids, attention_mask=mask).logits
+    attach(model, None)
+    assert model.config._attn_implementation == ATTN_NAME
+    got = _gen_rows(model, ids, mask)
+    got_logits = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
+    real = mask.bool()
+    err = (got_logits - want_logits)[real].norm() / want_logits[real].norm()
+    assert err < 1e-4
+    detach(model)
+    assert "forward" not in model.__dict__ and model.config._attn_implementation != ATTN_NAME
+    assert torch.equal(_gen_rows(model, ids, mask), want)
+
+
+def test_no_prompts_sampling_fixed_seed():
+    model = tiny_model()
+    ids, mask = left_padded()
+    kw = dict(max_new_tokens=7, do_sample=True, top_k=20, temperature=1.3, pad_token_id=0)
+    torch.manual_seed(11)
+    want = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    attach(model, None)
+    torch.manual_seed(11)
+    got = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(got, want)
+
+
+def test_gate_mixed_batch_rows_equal_alone():
+    model = tiny_model()
+    mops = tiny_mops(model)
+    ids, mask = left_padded()
+    plain = _gen_rows(model, ids, mask)
+    attach(model, mops)
+    batched = _gen_rows(model, ids, mask)
+    assert mops.gate.calls == 1                           # once at prefill, not per decode step
+    for b in range(ids.shape[0]):
+        i, m = row(ids, mask, b)
+        assert torch.equal(_gen_rows(model, i, m)[0], batched[b]), f"row {b}"
+    assert not torch.equal(batched, plain)                # the experts changed the answer
+
+
+def test_gate_picks_experts_from_layer_hidden_state():
+    """The gate must see the masked mean after gate_layer: compare with a manual forward."""
+    model = tiny_model()
+    mops = tiny_mops(model)
+    ids, mask = left_padded()
+    seen = {}
+    orig = mops.gate.forward
+
+    def spy(h, m):
+        seen["h"], seen["m"] = h.detach().clone(), m.clone()
+        return orig(h, m)
+    mops.gate.forward = spy
+    hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    attach(model, mops)
+    model(input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    assert torch.allclose(seen["h"][real], hs[mops.gate.gate_layer + 1][real], atol=1e-5)
+    assert torch.equal(seen["m"].bool(), real)
+
+
+def test_explicit_slots_rows_equal_alone_and_weights_matter():
+    model = tiny_model()
+    mops = tiny_mops(model, with_gate=False)
+    ids, mask = left_padded()
+    idx = torch.tensor([[3, 0], [1, -1], [4, 2]], dtype=torch.int32)
+    w = torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.2, 0.8]])
+    attach(model, mops)
+    batched = _gen_rows(model, ids, mask, expert_index=idx, expert_weight=w)
+    for b in range(3):
+        i, m = row(ids, mask, b)
+        alone = _gen_rows(model, i, m, expert_index=idx[b:b + 1], expert_weight=w[b:b + 1])
+        assert torch.equal(alone[0], batched[b]), f"row {b}"
+    logits_a = model(input_ids=ids, attention_mask=mask, expert_index=idx, expert_weight=w).logits
+    logits_b = model(input_ids=ids, attention_mask=mask, expert_index=idx, expert_weight=w.flip(1)).logits
+    assert (logits_a - logits_b)[0].abs().max() > 1e-3     # weights reach the attention
+    with pytest.raises(ValueError, match="expert_index"):
+        model.generate(input_ids=ids, attention_mask=mask, **GEN)   # no gate: slots required
+
+
+def test_explicit_slots_match_prefix_attention_math():
+    """One layer checked by hand: the prefix keys of the chosen slots join the softmax."""
+    from mops_kernels import reference as ref
+    model = tiny_model(layers=2)
+    mops = tiny_mops(model, with_gate=False, inject_from=1, gate_layer=0)
+    ids, mask = left_padded()
+    idx = torch.tensor([[2, 0], [1, -1], [4, 3]], dtype=torch.int32)
+    caught = {}
+    attn = model.model.layers[1].self_attn
+    h = attn.register_forward_hook(lambda m, a, k, o: caught.update(out=o[0]), with_kwargs=True)
+    hin = attn.register_forward_pre_hook(lambda m, a, k: caught.update(kw=k), with_kwargs=True)
+    attach(model, mops)
+    model(input_ids=ids, attention_mask=mask, expert_index=idx)
+    h.remove(), hin.remove()
+    kw = caught["kw"]
+    x = kw["hidden_states"]
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, -1, 16).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, -1, 16).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, -1, 16).transpose(1, 2)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q, k = apply_rotary_pos_emb(q, k, *kw["position_embeddings"])
+    pk, pv = mops.bank.layer(1)
+    o = ref.prefix_attention(q, k, v, pk, pv, idx, None, prefix_lens=mops.bank.lens, attention_mask=mask)
+    want = attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+    real = mask.bool()
+    assert (caught["out"] - want)[real].abs().max() < 1e-4
+
+
+def test_beam_search_keeps_experts():
+    model = tiny_model()
+    mops = tiny_mops(model)
+    ids, mask = left_padded()
+    attach(model, mops)
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, early_stopping=True)
+    batched = model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+    for b in range(3):
+        i, m = row(ids, mask, b)
+        alone = model.generate(input_ids=i, attention_mask=m, **kw)[0, i.shape[1]:]
+        assert torch.equal(alone, batched[b]), f"row {b}"
+    detach(model)
+    assert not torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:],
+                           batched)
+
+
+def test_iapt_generator_rows_equal_alone():
+    model = tiny_model()
+    gen = Generator(model.config.hidden_size, [2, 3])
+    ids, mask = left_padded()
+    plain = _gen_rows(model, ids, mask)
+    attach(model, gen)
+    batched = _gen_rows(model, ids, mask)
+    for b in range(3):
+        i, m = row(ids, mask, b)
+        assert torch.equal(_gen_rows(model, i, m)[0], batched[b]), f"row {b}"
+    assert not torch.equal(batched, plain)
+
+
+def test_quantize_swaps_linears():
+    from mops_kernels.modules.int4_linear import Int4Linear
+    model = tiny_model()
+    ids, mask = left_padded()
+    want = model(input_ids=ids, attention_mask=mask).logits
+    attach(model, None, quantize=True)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(model.model.layers[3].mlp.down_proj, Int4Linear)
+    got = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    err = ((got - want)[real].norm() / want[real].norm()).item()
+    assert 0 < err < 0.2                                  # 4-bit rounding, not garbage
+
+
+def _untouched(model, impl):
+    return "forward" not in model.__dict__ and "generate" not in model.__dict__ \
+        and model.config._attn_implementation == impl and not hasattr(model, "_mops_attached")
+
+
+def test_errors_leave_model_untouched():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        attach(gpt2, None)
+    model = tiny_model()
+    impl = model.config._attn_implementation
+    other = tiny_model(layers=5)
+    with pytest.raises(ValueError, match="layers"):
+        attach(model, tiny_mops(other), quantize=True)
+    assert _untouched(model, impl)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    bad = tiny_mops(model)
+    bad.bank.kv = {l: (k[:, :, :1], v[:, :, :1]) for l, (k, v) in bad.bank.kv.items()}
+    with pytest.raises(ValueError, match="Hkv"):
+        attach(model, bad)
+    assert _untouched(model, impl)
+    with pytest.raises(ValueError, match="inject_from"):
+        attach(model, tiny_mops(model, gate_layer=2, inject_from=2))
+    assert _untouched(model, impl)
+    attach(model, tiny_mops(model, with_gate=False))
+    ids, mask = left_padded()
+    with pytest.raises(ValueError, match="out of range"):
+        model.generate(input_ids=ids, attention_mask=mask, expert_index=torch.tensor([[5], [0], [1]]), **GEN)
+    with pytest.raises(ValueError, match="already"):
+        attach(model, None)
+    detach(model)
+    assert _untouched(model, impl)
+    with pytest.raises(ValueError, match="nothing is attached"):
+        detach(model)
