@@ -1,0 +1,105 @@
+"""Import PEFT prefix-tuning adapters as prompt slots: `from_peft(model, [dir, ...])` (SPEC §5).
+
+A PEFT prefix-tuning adapter directory holds `adapter_config.json` (peft_type PREFIX_TUNING,
+num_virtual_tokens P, num_layers L, num_attention_heads = Hkv for GQA models, token_dim = Hkv*D) and
+`adapter_model.safetensors` with the table `prompt_embeddings` [P, L*2*Hkv*D] (PEFT saves the output
+of its prefix MLP when prefix_projection is true). Older saves hold the encoder itself
+(`prompt_encoder.embedding.weight` and, with prefix_projection, the MLP `transform.0` / `transform.2`:
+Linear -> tanh -> Linear), which is run once here to get the table.
+
+PEFT's layout (peft_model.get_prompt): table.view(P, L*2, Hkv, D); layer l's keys are entry 2l and its
+values entry 2l+1, used as past key/values as they are (never rotated), so slot keys carry no position.
+The sequence positions start at P under PEFT (the prefix occupies cache positions 0..P-1), so the
+returned prompts carry `position_offset = P`; attach() shifts position ids by it.
+
+Slot i of the returned bank is adapter i; all adapters must share P and the model's shape.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import torch
+
+
+def _read_table(path: str, cfg: dict) -> torch.Tensor:
+    """The flattened prefix table [P, L*2*Hkv*D] of one adapter dir."""
+    from safetensors.torch import load_file
+    f = os.path.join(path, "adapter_model.safetensors")
+    if os.path.exists(f):
+        sd = load_file(f)
+    else:
+        f = os.path.join(path, "adapter_model.bin")
+        if not os.path.exists(f):
+            raise ValueError(f"from_peft: {path} has no adapter_model.safetensors")
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+    if "prompt_embeddings" in sd:
+        return sd["prompt_embeddings"].float()
+
+    def get(suffix):
+        hits = [v for k, v in sd.items() if k.endswith(suffix)]
+        return hits[0].float() if hits else None
+    emb = get("embedding.weight")
+    if emb is None:
+        raise ValueError(f"from_peft: {path}: no prompt_embeddings nor prompt encoder weights; keys {list(sd)}")
+    if cfg.get("prefix_projection") and get("transform.0.weight") is not None:
+        h = torch.tanh(emb @ get("transform.0.weight").T + get("transform.0.bias"))
+        return h @ get("transform.2.weight").T + get("transform.2.bias")
+    return emb
+
+
+def load_adapter(path: str, model):
+    """(P, {layer: (k [P, Hkv, D], v [P, Hkv, D])}) of one PEFT prefix-tuning adapter dir."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"from_peft: {path} has no adapter_config.json")
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
+    if cfg.get("peft_type") != "PREFIX_TUNING":
+        raise ValueError(f"from_peft: {path} is a {cfg.get('peft_type')} adapter, not PREFIX_TUNING")
+    mc = model.config
+    L = mc.num_hidden_layers
+    Hkv = mc.num_key_value_heads
+    D = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    P = int(cfg["num_virtual_tokens"])
+    if cfg.get("num_transformer_submodules", 1) != 1:
+        raise ValueError(f"from_peft: {path} has num_transformer_submodules="
+                         f"{cfg['num_transformer_submodules']}, only decoder-only models (1) are supported")
+    shape = (cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("token_dim"))
+    if shape != (L, Hkv, Hkv * D):
+        raise ValueError(f"from_peft: {path} was trained for (num_layers, kv heads, token_dim)={shape}, "
+                         f"the model has {(L, Hkv, Hkv * D)}")
+    table = _read_table(path, cfg)
+    if tuple(table.shape) != (P, L * 2 * Hkv * D):
+        raise ValueError(f"from_peft: {path}: prefix table has shape {tuple(table.shape)}, "
+                         f"expected [P={P}, L*2*Hkv*D={L * 2 * Hkv * D}]")
+    t = table.view(P, L * 2, Hkv, D)
+    return P, {l: (t[:, 2 * l], t[:, 2 * l + 1]) for l in range(L)}
+
+
+def from_peft(model, dirs: Sequence[str]):
+    """A MixtureOfPrompts (no gate, slot i = dirs[i], position_offset = P) for `model`."""
+    if isinstance(dirs, (str, os.PathLike)):
+        dirs = [dirs]
+    if not dirs:
+        raise ValueError("from_peft: give at least one adapter directory")
+    adapters = [load_adapter(str(d), model) for d in dirs]        # validate all before building
+    Ps = {P for P, _ in adapters}
+    if len(Ps) != 1:
+        raise ValueError(f"from_peft: adapters have different num_virtual_tokens {[P for P, _ in adapters]}; "
+                         f"one bank needs one P")
+    P = Ps.pop()
+    mc = model.config
+    L, Hkv = mc.num_hidden_layers, mc.num_key_value_heads
+    D = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    param = next(model.parameters(), None)
+    dtype = torch.float32 if param is None or not param.is_floating_point() else param.dtype
+    device = torch.device("cpu") if param is None else param.device
+    from mops_kernels.modules.prompts import MixtureOfPrompts, PromptBank
+    bank = PromptBank(L, list(range(L)), len(adapters), P, Hkv, D, dtype, device)
+    for slot, (_, layers) in enumerate(adapters):
+        bank.set_slot(slot, {l: (k.to(device, dtype), v.to(device, dtype)) for l, (k, v) in layers.items()})
+    mops = MixtureOfPrompts(bank, None, 0)
+    mops.position_offset = P
+    return mops
