@@ -1,0 +1,370 @@
+"""The prompt modules: a bank of expert prefixes, the MoPs gate, the IAPT generator, and the
+MixtureOfPrompts that ties a bank and a gate to a backbone (SPEC §2, §4, §5).
+
+    PromptBank                  keys / values [L_inj, E, P, Hkv, D], lens [E]; layer(l) -> views
+    SmartGate                   w1 [h, d], b1 [h], w2 [E, h], b2 [E]; forward -> (idx [B, k], w [B, k])
+    InstructionPromptGenerator  per injected layer W_down [d, m], W_sa [m, 4], a [6], b [4],
+                                W_up [m, d]; forward(l, H, mask) -> soft tokens [B, 4, d]
+    MixtureOfPrompts            bank + gate + placement (gate_layer < inject_from < num layers)
+
+Nothing here imports transformers: the backbone is read through its `config` (duck-typed).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import reference
+from ..ops.gate_topk import ACTIVATION_IDS, gate_topk
+from ..ops.rational import iapt_generate
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors with the module's config in the metadata
+# --------------------------------------------------------------------------------------------
+def _save_tensors(path: str, tensors: Dict[str, torch.Tensor], config: dict) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path,
+              metadata={"config": json.dumps(config)})
+
+
+def _load_tensors(path: str, device=None) -> Tuple[Dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if "config" not in meta:
+            raise ValueError(f"{path}: no 'config' in the safetensors metadata (not saved by mops_kernels?)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if device is not None:
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors, json.loads(meta["config"])
+
+
+def _model_dims(model) -> dict:
+    """num_layers, hidden_size, num_kv_heads, head_dim read from an HF model's config."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError(f"model must have a Hugging Face `config`, got {type(model).__name__}")
+    heads = cfg.num_attention_heads
+    return dict(num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+                num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
+def _check_layers(name: str, layers: Iterable[int], num_layers: int) -> list:
+    layers = [int(x) for x in layers]
+    if not layers:
+        raise ValueError(f"{name} must name at least one layer")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name} has repeated layers: {layers}")
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad:
+        raise ValueError(f"{name} has layers {bad} outside 0..{num_layers - 1} (num_layers={num_layers})")
+    return sorted(layers)
+
+
+def _model_device(model):
+    p = next(iter(model.parameters()), None)
+    return None if p is None else p.device
+
+
+# --------------------------------------------------------------------------------------------
+# PromptBank
+# --------------------------------------------------------------------------------------------
+class PromptBank(nn.Module):
+    """E expert prefixes of P tokens for each injected layer, in the layout prefix_attention reads.
+
+    keys, values: Parameters [len(inject_layers), E, P, Hkv, D]; lens: int32 buffer [E] (valid
+    tokens per slot). `layer(l)` returns views of one layer, never copies.
+    """
+
+    def __init__(self, num_layers: int, inject_layers: Sequence[int], num_experts: int, prompt_len: int,
+                 num_kv_heads: int, head_dim: int, dtype=torch.float32, device=None, init_std: float = 0.02):
+        super().__init__()
+        for name, v in (("num_layers", num_layers), ("num_experts", num_experts),
+                        ("prompt_len", prompt_len), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.num_layers, self.num_experts, self.prompt_len = num_layers, num_experts, prompt_len
+        self.num_kv_heads, self.head_dim, self.init_std = num_kv_heads, head_dim, float(init_std)
+        self.inject_layers = _check_layers("inject_layers", inject_layers, num_layers)
+        self._pos = {l: i for i, l in enumerate(self.inject_layers)}
+        shape = (len(self.inject_layers), num_experts, prompt_len, num_kv_heads, head_dim)
+        self.keys = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
+        self.values = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
+        self.register_buffer("lens", torch.full((num_experts,), prompt_len, dtype=torch.int32, device=device))
+
+    def config(self) -> dict:
+        return dict(num_layers=self.num_layers, inject_layers=self.inject_layers,
+                    num_experts=self.num_experts, prompt_len=self.prompt_len,
+                    num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                    dtype=str(self.keys.dtype).replace("torch.", ""), init_std=self.init_std)
+
+    def layer(self, layer_idx: int):
+        """(prefix_k, prefix_v) [E, P, Hkv, D] views of layer `layer_idx`, or None if not injected."""
+        i = self._pos.get(int(layer_idx))
+        if i is None:
+            return None
+        return self.keys[i], self.values[i]
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, layer_kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]],
+                 length: Optional[int] = None) -> None:
+        """Load slot `slot`: layer_kv maps every injected layer to (k, v) [P', Hkv, D], P' <= P.
+
+        Tokens past P' are zeroed; lens[slot] = length (default P'), which must be <= P'.
+        """
+        if not 0 <= int(slot) < self.num_experts:
+            raise ValueError(f"slot must be in 0..{self.num_experts - 1}, got {slot}")
+        extra = sorted(set(int(l) for l in layer_kv) - set(self.inject_layers))
+        missing = sorted(set(self.inject_layers) - set(int(l) for l in layer_kv))
+        if extra or missing:
+            raise ValueError(f"layer_kv must give exactly the injected layers {self.inject_layers}: "
+                             f"not injected {extra}, missing {missing}")
+        plen = None
+        for l, kv in layer_kv.items():
+            if not isinstance(kv, (tuple, list)) or len(kv) != 2:
+                raise ValueError(f"layer_kv[{l}] must be a pair (k, v)")
+            for name, t in zip("kv", kv):
+                if t.dim() != 3 or t.shape[1:] != (self.num_kv_heads, self.head_dim) \
+                        or t.shape[0] > self.prompt_len:
+                    raise ValueError(f"layer_kv[{l}] {name} must have shape (P' <= {self.prompt_len}, "
+                                     f"Hkv={self.num_kv_heads}, D={self.head_dim}), got {tuple(t.shape)}")
+            if kv[0].shape != kv[1].shape:
+                raise ValueError(f"layer_kv[{l}]: k {tuple(kv[0].shape)} and v {tuple(kv[1].shape)} differ")
+            if plen is not None and kv[0].shape[0] != plen:
+                raise ValueError(f"layer_kv[{l}] has {kv[0].shape[0]} tokens, other layers {plen}")
+            plen = kv[0].shape[0]
+        length = plen if length is None else int(length)
+        if not 0 <= length <= plen:
+            raise ValueError(f"length must be in 0..{plen} (the tokens given), got {length}")
+        for l, (k, v) in layer_kv.items():
+            i = self._pos[int(l)]
+            for dst, src in ((self.keys, k), (self.values, v)):
+                dst[i, slot].zero_()
+                dst[i, slot, :plen].copy_(src)
+        self.lens[slot] = length
+
+    def save(self, path: str) -> None:
+        _save_tensors(path, {"keys": self.keys, "values": self.values, "lens": self.lens}, self.config())
+
+    @classmethod
+    def load(cls, path: str, device=None) -> "PromptBank":
+        tensors, cfg = _load_tensors(path, device)
+        cfg["dtype"] = getattr(torch, cfg["dtype"])
+        bank = cls(**cfg, device=device)
+        bank.load_state_dict(tensors)
+        return bank
+
+
+# --------------------------------------------------------------------------------------------
+# SmartGate
+# --------------------------------------------------------------------------------------------
+class SmartGate(nn.Module):
+    """MoPs gate: masked mean of the hidden state after `gate_layer`, a 2-layer MLP, top-k.
+
+    w1 [h, d], b1 [h], w2 [E, h], b2 [E]. forward -> (indices int32 [B, k], weights fp32 [B, k]).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, gate_layer: int,
+                 gate_hidden: int = 256, activation: str = "gelu"):
+        super().__init__()
+        for name, v in (("hidden_size", hidden_size), ("num_experts", num_experts),
+                        ("gate_hidden", gate_hidden)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..num_experts={num_experts}, got {top_k!r}")
+        if not isinstance(gate_layer, int) or gate_layer < 0:
+            raise ValueError(f"gate_layer must be a layer index >= 0, got {gate_layer!r}")
+        if activation not in ACTIVATION_IDS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATION_IDS)}, got {activation!r}")
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.gate_layer, self.gate_hidden, self.activation = gate_layer, gate_hidden, activation
+        self.w1 = nn.Parameter(torch.randn(gate_hidden, hidden_size) * hidden_size ** -0.5)
+        self.b1 = nn.Parameter(torch.zeros(gate_hidden))
+        self.w2 = nn.Parameter(torch.randn(num_experts, gate_hidden) * gate_hidden ** -0.5)
+        self.b2 = nn.Parameter(torch.zeros(num_experts))
+
+    def config(self) -> dict:
+        return dict(hidden_size=self.hidden_size, num_experts=self.num_experts, top_k=self.top_k,
+                    gate_layer=self.gate_layer, gate_hidden=self.gate_hidden, activation=self.activation)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor):
+        """hidden [B, T, d], mask [B, T] -> (indices int32 [B, k], weights fp32 [B, k])."""
+        return gate_topk(hidden, mask, self.w1, self.b1, self.w2, self.b2, self.top_k,
+                         activation=self.activation)
+
+    def scores(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The routing head's logits s [B, E] in fp32 (differentiable)."""
+        return reference.gate_scores(hidden, mask, self.w1, self.b1, self.w2, self.b2,
+                                     activation=self.activation)
+
+    def routing_loss(self, hidden: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the scores against task labels [B] in 0..E-1 (gate pretraining)."""
+        return F.cross_entropy(self.scores(hidden, mask), labels.long())
+
+    def save(self, path: str) -> None:
+        _save_tensors(path, dict(self.state_dict()), self.config())
+
+    @classmethod
+    def load(cls, path: str, device=None) -> "SmartGate":
+        tensors, cfg = _load_tensors(path, device)
+        gate = cls(**cfg)
+        gate.load_state_dict(tensors)
+        return gate.to(device) if device is not None else gate
+
+
+# --------------------------------------------------------------------------------------------
+# InstructionPromptGenerator (IAPT)
+# --------------------------------------------------------------------------------------------
+class InstructionPromptGenerator(nn.Module):
+    """IAPT: 4 soft tokens per injected layer, generated from the instruction's hidden states.
+
+    Per injected layer (stacked on dim 0): w_down [d, m], w_sa [m, 4], a [6], b [4] (GELU
+    initialisation of the rational activation), w_up [m, d].
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int, inject_layers: Sequence[int],
+                 bottleneck: int = 64, num_tokens: int = 4):
+        super().__init__()
+        if num_tokens != 4:
+            raise ValueError(f"num_tokens must be 4 (the fused pooling kernel has 4 heads), got {num_tokens}")
+        for name, v in (("hidden_size", hidden_size), ("num_layers", num_layers), ("bottleneck", bottleneck)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.hidden_size, self.num_layers, self.bottleneck, self.num_tokens = \
+            hidden_size, num_layers, bottleneck, num_tokens
+        self.inject_layers = _check_layers("inject_layers", inject_layers, num_layers)
+        self.inject_from = self.inject_layers[0]
+        self._pos = {l: i for i, l in enumerate(self.inject_layers)}
+        n, d, m = len(self.inject_layers), hidden_size, bottleneck
+        self.w_down = nn.Parameter(torch.randn(n, d, m) * d ** -0.5)
+        self.w_sa = nn.Parameter(torch.randn(n, m, 4) * m ** -0.5)
+        self.a = nn.Parameter(torch.tensor(reference.RATIONAL_GELU_A).repeat(n, 1))
+        self.b = nn.Parameter(torch.tensor(reference.RATIONAL_GELU_B).repeat(n, 1))
+        # Small soft tokens at start: the frozen model is barely disturbed before training.
+        self.w_up = nn.Parameter(torch.randn(n, m, d) * 0.02)
+
+    def forward(self, layer_idx: int, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """H [B, n, d] entering layer `layer_idx`, mask [B, n] -> soft tokens [B, 4, d] (H's dtype)."""
+        i = self._pos.get(int(layer_idx))
+        if i is None:
+            raise ValueError(f"layer_idx={layer_idx} is not one of the injected layers {self.inject_layers}")
+        if H.dim() != 3 or H.shape[-1] != self.hidden_size:
+            raise ValueError(f"H must have shape (B, n, d={self.hidden_size}), got {tuple(H.shape)}")
+        return iapt_generate(H, mask, self.w_down[i], self.w_sa[i], self.a[i], self.b[i], self.w_up[i])
+
+    @staticmethod
+    def to_prefix(layer_module: nn.Module, soft: torch.Tensor):
+        """Soft tokens [B, 4, d] -> (k, v) [B, 4, Hkv, D] through the frozen layer's input norm and
+        k/v projections, unrotated (a per-request pool: E = B, index = arange(B)[:, None])."""
+        attn = getattr(layer_module, "self_attn", None)
+        norm = getattr(layer_module, "input_layernorm", None)
+        if attn is None or norm is None or not hasattr(attn, "k_proj") or not hasattr(attn, "v_proj"):
+            raise ValueError("layer_module must be a decoder layer with input_layernorm and "
+                             "self_attn.k_proj / v_proj (Llama family)")
+        B, n, _ = soft.shape
+        x = norm(soft.to(getattr(norm, "weight", soft).dtype))     # the frozen layer's dtype
+        D = attn.head_dim
+        return attn.k_proj(x).view(B, n, -1, D), attn.v_proj(x).view(B, n, -1, D)
+
+    def check_compatible(self, model) -> None:
+        dims = _model_dims(model)
+        if dims["num_layers"] != self.num_layers:
+            raise ValueError(f"prompt generator built for {self.num_layers} layers, model has {dims['num_layers']}")
+        if dims["hidden_size"] != self.hidden_size:
+            raise ValueError(f"prompt generator built for hidden size {self.hidden_size}, model has "
+                             f"{dims['hidden_size']}")
+
+
+# --------------------------------------------------------------------------------------------
+# MixtureOfPrompts
+# --------------------------------------------------------------------------------------------
+class MixtureOfPrompts(nn.Module):
+    """A PromptBank of E experts injected at layers >= inject_from, chosen per request by a
+    SmartGate reading the hidden state after gate_layer (< inject_from)."""
+
+    def __init__(self, bank: PromptBank, gate: SmartGate, inject_from: int, position_offset: int = 0):
+        super().__init__()
+        if gate is not None:
+            if inject_from <= gate.gate_layer:
+                raise ValueError(f"inject_from={inject_from} must be > gate_layer={gate.gate_layer}")
+            if gate.num_experts != bank.num_experts:
+                raise ValueError(f"gate has {gate.num_experts} experts, bank has {bank.num_experts}")
+        below = [l for l in bank.inject_layers if l < inject_from]
+        if below:
+            raise ValueError(f"bank injects layers {below} below inject_from={inject_from}")
+        self.bank, self.gate = bank, gate
+        self.inject_from = int(inject_from)
+        self.position_offset = int(position_offset)     # PEFT prefix-tuning positions (SPEC §5)
+
+    gate_layer = property(lambda self: None if self.gate is None else self.gate.gate_layer)
+    top_k = property(lambda self: None if self.gate is None else self.gate.top_k)
+    num_experts = property(lambda self: self.bank.num_experts)
+    prompt_len = property(lambda self: self.bank.prompt_len)
+
+    @classmethod
+    def for_model(cls, model, num_experts: int = 8, prompt_len: int = 16, top_k: int = 2,
+                  gate_layer: int = 10, inject_from: int = 11, gate_hidden: int = 256) -> "MixtureOfPrompts":
+        """A fresh bank + gate sized for an HF model (experts at every layer >= inject_from)."""
+        dims = _model_dims(model)
+        L = dims["num_layers"]
+        if not isinstance(gate_layer, int) or not 0 <= gate_layer < L:
+            raise ValueError(f"gate_layer must be in 0..{L - 1} (the model has {L} layers), got {gate_layer!r}")
+        if not isinstance(inject_from, int) or not gate_layer < inject_from < L:
+            raise ValueError(f"inject_from must be > gate_layer={gate_layer} and < {L} layers, got {inject_from!r}")
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..num_experts={num_experts}, got {top_k!r}")
+        device = _model_device(model)
+        bank = PromptBank(L, range(inject_from, L), num_experts, prompt_len, dims["num_kv_heads"],
+                          dims["head_dim"], device=device)
+        gate = SmartGate(dims["hidden_size"], num_experts, top_k, gate_layer, gate_hidden).to(device)
+        return cls(bank, gate, inject_from)
+
+    @classmethod
+    def from_peft(cls, model, dirs, **kwargs) -> "MixtureOfPrompts":
+        """Slots from PEFT prefix-tuning adapters (slot i = dirs[i]); see integrations.peft_import."""
+        from ..integrations.peft_import import from_peft
+        return from_peft(model, dirs, **kwargs)
+
+    def check_compatible(self, model) -> None:
+        """Raise ValueError naming the first mismatch between this bank/gate and `model`."""
+        dims = _model_dims(model)
+        bank = self.bank
+        for name, mine, theirs in (("num_layers", bank.num_layers, dims["num_layers"]),
+                                   ("num_key_value_heads", bank.num_kv_heads, dims["num_kv_heads"]),
+                                   ("head_dim", bank.head_dim, dims["head_dim"])):
+            if mine != theirs:
+                raise ValueError(f"prompt bank built for {name}={mine}, model has {name}={theirs}")
+        if self.gate is not None:
+            if self.gate.hidden_size != dims["hidden_size"]:
+                raise ValueError(f"gate built for hidden_size={self.gate.hidden_size}, model has "
+                                 f"hidden_size={dims['hidden_size']}")
+            if self.gate.gate_layer >= dims["num_layers"]:
+                raise ValueError(f"gate_layer={self.gate.gate_layer} but the model has {dims['num_layers']} layers")
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.bank.save(os.path.join(directory, "bank.safetensors"))
+        if self.gate is not None:
+            self.gate.save(os.path.join(directory, "gate.safetensors"))
+        with open(os.path.join(directory, "mops.json"), "w") as f:
+            json.dump(dict(inject_from=self.inject_from, position_offset=self.position_offset,
+                           has_gate=self.gate is not None), f)
+
+    @classmethod
+    def load(cls, directory: str, device=None) -> "MixtureOfPrompts":
+        with open(os.path.join(directory, "mops.json")) as f:
+            meta = json.load(f)
+        bank = PromptBank.load(os.path.join(directory, "bank.safetensors"), device=device)
+        gate = SmartGate.load(os.path.join(directory, "gate.safetensors"), device=device) \
+            if meta.get("has_gate", True) else None
+        return cls(bank, gate, meta["inject_from"], meta.get("position_offset", 0))
