@@ -1,0 +1,341 @@
+"""prefix_attention (SPEC §1) on every backend this machine has, against mops_kernels.reference.
+
+Triton runs through TRITON_INTERPRET=1 (conftest), so shapes stay small but odd: T, S in
+{1, 37, 111}, P in {1, 7, 16}, GQA 3, head dim 16/64, -1 holes, repeated slots, w = 0,
+prefix_lens < P, left padding and all-masked rows.
+"""
+import logging
+import math
+
+import pytest
+import torch
+
+from conftest import available_backends, requires_cuda
+from utils import rel_err, tol_ok
+
+from mops_kernels import _backend
+from mops_kernels import reference as R
+from mops_kernels.ops import prefix_attention as PA
+from mops_kernels.ops.prefix_attention import prefix_attention
+
+# (B, Hkv, G, T, S, D, E, P, kk)
+CASES = [
+    (2, 1, 3, 37, 37, 64, 3, 7, 2),     # prefill, T == S
+    (2, 2, 3, 1, 111, 16, 4, 16, 4),    # decode (flash-decoding splits)
+    (1, 1, 3, 37, 111, 16, 2, 1, 3),    # T < S (cache), P = 1
+    (3, 1, 3, 1, 37, 64, 5, 16, 1),     # decode, D = 64, one slot
+    (1, 1, 3, 111, 111, 16, 3, 16, 2),  # long prefill: several row and key tiles
+]
+DTYPES = [(torch.float32, 1e-4), (torch.float16, None), (torch.bfloat16, None)]
+
+
+def make(B, Hkv, G, T, S, D, E, P, kk, dtype=torch.float32, device="cpu", noncontig=True):
+    """Fresh random inputs with every hard case: holes, repeats, w = 0, short slots, padding."""
+    Hq = Hkv * G
+    if noncontig:  # what HF passes: [B, T, H, D] transposed to [B, H, T, D]
+        q = torch.randn(B, T, Hq, D, device=device).to(dtype).transpose(1, 2)
+        k = torch.randn(B, S, Hkv, D, device=device).to(dtype).transpose(1, 2)
+        v = torch.randn(B, S, Hkv, D, device=device).to(dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, T, D, device=device).to(dtype)
+        k = torch.randn(B, Hkv, S, D, device=device).to(dtype)
+        v = torch.randn(B, Hkv, S, D, device=device).to(dtype)
+    pk = torch.randn(E, P, Hkv, D, device=device).to(dtype)
+    pv = torch.randn(E, P, Hkv, D, device=device).to(dtype)
+    idx = torch.randint(0, E, (B, kk), dtype=torch.int32, device=device)
+    if kk > 1:
+        idx[0, 1] = -1                      # a hole
+        idx[-1, -1] = idx[-1, 0]            # one request picks a slot twice
+    if B > 1:
+        idx[1, 0] = idx[0, 0]               # two requests share a slot
+    w = torch.rand(B, kk, device=device) + 0.1
+    if kk > 2:
+        w[-1, 1] = 0.0                      # an excluded slot
+    lens = torch.randint(1, P + 1, (E,), dtype=torch.int32, device=device)
+    lens[0] = max(P - 3, 0)                 # a short slot (0 when P is small: an empty slot)
+    am = torch.ones(B, S, dtype=torch.int64, device=device)
+    am[0, : S // 3] = 0                     # left padding
+    return q, k, v, pk, pv, idx, w, lens, am
+
+
+def _backends(device="cpu"):
+    have = available_backends(device)
+    ops = {"cpu": "prefix_attention_cpu", "cuda": "prefix_attention_cuda"}
+    return [b for b in ("triton", "cpu", "torch", "cuda")
+            if b in have and (b not in ops or _backend.ext_has(ops[b]))]
+
+
+def _ref(q, k, v, pk, pv, idx, w, lens, am, causal=True):
+    return R.prefix_attention(q.float(), k.float(), v.float(), pk.float(), pv.float(), idx, w,
+                              prefix_lens=lens, attention_mask=am, causal=causal)
+
+
+def _plain(q, k, v, pk, pv, idx, w, lens, am, causal=True):
+    """The same computation done by plain PyTorch in the inputs' dtype (SPEC §6 yardstick)."""
+    return PA._torch_forward(q, k, v, pk, pv, idx, w.to(q.dtype), lens, am, causal,
+                             q.shape[-1] ** -0.5)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"T{c[3]}S{c[4]}D{c[5]}P{c[7]}k{c[8]}" for c in CASES])
+def test_forward_matches_reference(backend, dtype, tol, case, force_backend):
+    if backend == "cpu" and case[3] != 1:
+        pytest.skip("the C++ cpu backend is decode-only (T == 1): capability")
+    force_backend(backend)
+    args = make(*case, dtype=dtype)
+    out = prefix_attention(*args[:7], prefix_lens=args[7], attention_mask=args[8])
+    ref = _ref(*args)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert not torch.isnan(out).any()
+    if dtype == torch.float32:
+        assert rel_err(out, ref) <= tol, rel_err(out, ref)
+    else:
+        plain = _plain(*args)
+        assert tol_ok(out, ref, plain, dtype), (rel_err(out, ref), rel_err(plain, ref))
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("T,S", [(1, 37), (37, 37)])
+def test_all_masked_rows_are_zero(backend, T, S, force_backend):
+    """Rows with no valid key give 0, not NaN: a fully padded request, and excluded slots."""
+    if backend == "cpu" and T != 1:
+        pytest.skip("decode-only backend")
+    force_backend(backend)
+    q, k, v, pk, pv, idx, w, lens, am = make(2, 1, 3, T, S, 16, 3, 7, 2)
+    am[0] = 0                               # request 0: every sequence key is padding
+    w[0] = 0.0                              # ... and both its slots are excluded
+    out = prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am)
+    assert not torch.isnan(out).any()
+    assert out[0].abs().max() == 0
+    assert rel_err(out[1], _ref(q, k, v, pk, pv, idx, w, lens, am)[1]) <= 1e-4
+    # no prefixes at all, causal with T > S - ... : padded rows only
+    out = prefix_attention(q, k, v, None, None, None, attention_mask=am)
+    assert not torch.isnan(out).any() and out[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("T,S", [(1, 37), (37, 111)])
+@pytest.mark.parametrize("empty", ["none", "k0"])
+def test_no_prefix_path(backend, T, S, empty, force_backend):
+    """prefix_k/v/index all None, or an index with kk = 0: plain causal + padded attention."""
+    if backend == "cpu" and T != 1:
+        pytest.skip("decode-only backend")
+    force_backend(backend)
+    q, k, v, pk, pv, idx, w, lens, am = make(2, 1, 3, T, S, 16, 2, 7, 1)
+    idx0 = idx[:, :0]
+    ref = R.prefix_attention(q, k, v, pk, pv, idx0, None, attention_mask=am)
+    if empty == "none":
+        out = prefix_attention(q, k, v, None, None, None, attention_mask=am)
+    else:
+        out = prefix_attention(q, k, v, pk, pv, idx0, attention_mask=am)
+    assert rel_err(out, ref) <= 1e-4
+
+
+def test_no_prefix_cpu_default_is_sdpa(monkeypatch):
+    """Unforced CPU calls with no prefixes take the SDPA route (the HF per-layer hot path)."""
+    monkeypatch.delenv("MOPS_BACKEND", raising=False)
+    calls = []
+    real = PA._sdpa
+    monkeypatch.setattr(PA, "_sdpa", lambda *a: calls.append(1) or real(*a))
+    q, k, v, *_ , am = make(2, 1, 3, 5, 9, 16, 2, 7, 1)
+    out = prefix_attention(q, k, v, None, None, None, attention_mask=am.bool())
+    assert calls and rel_err(out, R.prefix_attention(q, k, v, torch.zeros(1, 1, 1, 16),
+                                                     torch.zeros(1, 1, 1, 16),
+                                                     torch.zeros(2, 0, dtype=torch.int32),
+                                                     attention_mask=am)) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_not_causal_and_scale(backend, force_backend):
+    force_backend(backend)
+    q, k, v, pk, pv, idx, w, lens, am = make(1, 1, 3, 1, 37, 16, 3, 7, 2)
+    out = prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am,
+                           causal=False, scale=0.3)
+    ref = R.prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am,
+                             causal=False, scale=0.3)
+    assert rel_err(out, ref) <= 1e-4
+
+
+# ---- gradients --------------------------------------------------------------------------
+def test_reference_gradcheck_float64():
+    """The oracle's own gradients (q, k, v, pool, weights) by finite differences."""
+    q, k, v, pk, pv, idx, w, lens, am = make(2, 1, 2, 3, 4, 4, 3, 2, 2)
+    w = w + 0.2                             # keep w away from 0, where log w is not smooth
+    ts = [t.double().detach().requires_grad_(True) for t in (q, k, v, pk, pv, w)]
+
+    def f(q, k, v, pk, pv, w):
+        return R.prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am)
+    # the reference works in fp32 internally: compare with fp32-sized steps and tolerances
+    assert torch.autograd.gradcheck(f, ts, eps=1e-3, atol=5e-3, rtol=5e-3)
+
+
+GRAD_CASES = [
+    (2, 1, 3, 37, 37, 16, 3, 7, 3),
+    (2, 2, 3, 1, 37, 16, 3, 16, 4),
+    (1, 1, 3, 7, 111, 64, 2, 1, 2),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[f"T{c[3]}S{c[4]}P{c[7]}k{c[8]}" for c in GRAD_CASES])
+def test_triton_backward_matches_reference(case, force_backend):
+    force_backend("triton")
+    q, k, v, pk, pv, idx, w, lens, am = make(*case)
+    if case[8] > 2:
+        w[0, 0] = 0.0                       # an excluded slot: d w defined as 0 there
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, pk, pv, w)]
+    out = prefix_attention(*leaves[:5], idx, leaves[5], prefix_lens=lens, attention_mask=am)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    rleaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, pk, pv, w)]
+    ref = R.prefix_attention(*rleaves[:5], idx, rleaves[5], prefix_lens=lens, attention_mask=am)
+    want = torch.autograd.grad(ref, rleaves, g)
+    for name, a, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dweight"), got, want):
+        assert not torch.isnan(a).any(), name
+        assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
+    if case[8] > 2:
+        assert got[5][0, 0] == 0
+
+
+def test_triton_backward_low_precision(force_backend):
+    force_backend("triton")
+    case = (2, 1, 3, 37, 37, 16, 3, 7, 2)
+    q, k, v, pk, pv, idx, w, lens, am = make(*case, dtype=torch.bfloat16)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    out = prefix_attention(*leaves, idx, w, prefix_lens=lens, attention_mask=am)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    rl = [t.detach().float().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    want = torch.autograd.grad(R.prefix_attention(*rl, idx, w, prefix_lens=lens,
+                                                  attention_mask=am), rl, g.float())
+    pl = [t.detach().clone().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    plain = torch.autograd.grad(PA._torch_forward(*pl, idx, w.bfloat16(), lens, am, True,
+                                                  16 ** -0.5), pl, g)
+    for a, b, c in zip(got, want, plain):
+        assert a.dtype == torch.bfloat16
+        assert rel_err(a, b) <= 2 * rel_err(c, b) + 1e-5, (rel_err(a, b), rel_err(c, b))
+
+
+# ---- no materialisation -------------------------------------------------------------------
+def test_kernels_read_the_pool_in_place(force_backend, monkeypatch):
+    """Every launch gets the pool tensor itself and no tensor with a kk*P-long axis."""
+    from mops_kernels.ops import _prefix_attention_triton as TR
+    force_backend("triton")
+    B, Hkv, G, T, S, D, E, P, kk = 2, 1, 3, 5, 9, 16, 4, 7, 3
+    q, k, v, pk, pv, idx, w, lens, am = make(B, Hkv, G, T, S, D, E, P, kk)
+    seen = []
+
+    class Recorder:
+        def __init__(self, name, kern):
+            self.name, self.kern = name, kern
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((self.name, args))
+                return self.kern[grid](*args, **kw)
+            return launch
+
+    for name, kern in list(TR._KERNELS.items()):
+        monkeypatch.setitem(TR._KERNELS, name, Recorder(name, kern))
+    pkl, pvl = pk.clone().requires_grad_(True), pv.clone().requires_grad_(True)
+    for T_ in (T, 1):
+        out = prefix_attention(q[:, :, :T_], k, v, pkl, pvl, idx, w, prefix_lens=lens,
+                               attention_mask=am)
+        out.sum().backward()
+    names = {n for n, _ in seen}
+    assert {"fwd", "reduce", "bwd_dq", "bwd_dkv"} <= names
+    for name, args in seen:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if name != "reduce":
+            assert any(a is pkl for a in tensors) and any(a is pvl for a in tensors), name
+        for a in tensors:
+            assert kk * P not in a.shape, (name, tuple(a.shape))
+
+
+@requires_cuda
+def test_cuda_peak_memory_does_not_scale_with_gathered_prefix():
+    """On a GPU: the forward allocates no [B, kk*P, ...] tensor (peak ~ output + partials)."""
+    B, Hkv, G, S, D, E, P, kk = 64, 2, 4, 64, 128, 8, 512, 4
+    q, k, v, pk, pv, idx, w, lens, am = make(B, Hkv, G, 1, S, D, E, P, kk, dtype=torch.float16,
+                                             device="cuda")
+    gathered = B * Hkv * kk * P * D * 2      # bytes of one gathered prefix tensor (k or v)
+    for backend in [b for b in ("triton", "cuda") if b in _backends("cuda")]:
+        import os
+        os.environ["MOPS_BACKEND"] = backend
+        try:
+            prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am)
+            torch.cuda.synchronize()
+            assert torch.cuda.max_memory_allocated() - base < gathered / 4, backend
+        finally:
+            del os.environ["MOPS_BACKEND"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_decode_and_prefill(backend, dtype, tol, D, force_backend):
+    if backend not in _backends("cuda"):
+        pytest.skip(f"{backend} backend not built/available")
+    force_backend(backend)
+    for T, S in ((1, 1), (1, 37), (1, 1111)) + (((37, 111), (111, 111)) if backend == "triton" else ()):
+        args = make(5, 2, 4, T, S, D, 6, 16, 3, dtype=dtype, device="cuda")
+        out = prefix_attention(*args[:7], prefix_lens=args[7], attention_mask=args[8])
+        ref = _ref(*args)
+        if dtype == torch.float32:
+            assert rel_err(out, ref) <= 5e-3 if backend == "triton" else 1e-4
+        else:
+            assert tol_ok(out, ref, _plain(*args), dtype), (T, S, rel_err(out, ref))
+
+
+# ---- boundaries -----------------------------------------------------------------------------
+def _bad(**change):
+    q, k, v, pk, pv, idx, w, lens, am = make(2, 2, 3, 5, 9, 16, 3, 7, 2, noncontig=False)
+    a = dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, prefix_index=idx, prefix_weight=w,
+             prefix_lens=lens, attention_mask=am)
+    a.update({n: f(a) for n, f in change.items()})
+    return a
+
+
+BAD = [  # (id, the message must start with, change)
+    ("index_high", "prefix_index", dict(prefix_index=lambda a: a["prefix_index"].fill_(3))),
+    ("index_low", "prefix_index", dict(prefix_index=lambda a: a["prefix_index"].fill_(-2))),
+    ("gqa", "Hq", dict(q=lambda a: torch.randn(2, 5, 5, 16))),
+    ("pool_dtype", "prefix_k", dict(prefix_k=lambda a: a["prefix_k"].half())),
+    ("pool_shape", "prefix_v", dict(prefix_v=lambda a: a["prefix_v"][:, :3])),
+    ("neg_weight", "prefix_weight", dict(prefix_weight=lambda a: -a["prefix_weight"])),
+    ("mask_shape", "attention_mask", dict(attention_mask=lambda a: a["attention_mask"][:, :4])),
+    ("lens", "prefix_lens", dict(prefix_lens=lambda a: a["prefix_lens"] + 8)),
+    ("k_headdim", "k ", dict(k=lambda a: a["k"][..., :8])),
+    ("v_dtype", "v ", dict(v=lambda a: a["v"].double())),
+    ("q_rank", "q ", dict(q=lambda a: a["q"][0])),
+]
+
+
+@pytest.mark.parametrize("match,change", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_names_the_argument(match, change):
+    a = _bad(**change)
+    with pytest.raises(ValueError, match="^" + match):
+        prefix_attention(a.pop("q"), a.pop("k"), a.pop("v"), a.pop("prefix_k"), a.pop("prefix_v"),
+                         a.pop("prefix_index"), a.pop("prefix_weight"), **a)
+
+
+def test_unsupported_head_dim_falls_back_once(monkeypatch, caplog):
+    """D = 24 is not a power of two: triton is not offered, the pick says so once and falls back."""
+    monkeypatch.delenv("MOPS_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_announced", set())
+    q, k, v, pk, pv, idx, w, lens, am = make(1, 1, 3, 5, 9, 24, 3, 7, 2)
+    assert "triton" not in PA._supported(q, True, False)
+    with caplog.at_level(logging.INFO, logger="mops_kernels"):
+        for _ in range(2):
+            out = prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am)
+    msgs = [r.getMessage() for r in caplog.records if "prefix_attention" in r.getMessage()]
+    assert len(msgs) == 1, msgs
+    assert rel_err(out, _ref(q, k, v, pk, pv, idx, w, lens, am)) <= 1e-4
+    monkeypatch.setenv("MOPS_BACKEND", "triton")
+    with pytest.raises(_backend.BackendUnavailable, match="triton"):
+        prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am)
