@@ -61,7 +61,7 @@ def run_prefix_attention(q, k, v, pk, pv, idx, w, *, lens=None, mask=None, causa
 # --------------------------------------------------------------------------------------------
 # The prompts object: MixtureOfPrompts, InstructionPromptGenerator or None (duck-typed).
 # --------------------------------------------------------------------------------------------
-class _Plan:
+class Plan:
     """What the model must do per request, unpacked from `prompts`."""
 
     def __init__(self, prompts, num_layers):
@@ -105,7 +105,8 @@ def _get_path(obj, path):
     return obj
 
 
-def _validate(model, plan):
+def validate(model, plan):
+    """Check that `model` is a supported family and `plan` fits it; returns its decoder layers."""
     cfg = model.config
     family = getattr(cfg, "model_type", None)
     if family not in FAMILIES:
@@ -118,8 +119,6 @@ def _validate(model, plan):
         if type(getattr(layer, "self_attn", None)).__name__ not in attn_classes:
             raise ValueError(f"attach: layer {i} attention is {type(getattr(layer, 'self_attn', None)).__name__}, "
                              f"expected one of {attn_classes}")
-    if getattr(model, "_mops_attached", None) is not None:
-        raise ValueError("attach: the model already has mops attached; detach(model) first")
     L = len(layers)
     Hkv = cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -253,8 +252,10 @@ def _layer_output_hidden(out):
 
 def attach(model, prompts=None, *, quantize=False):
     """Patch `model` (an HF causal LM) in place to run our prefix attention with `prompts`."""
-    plan = _Plan(prompts, getattr(model.config, "num_hidden_layers", 0))
-    layers = _validate(model, plan)                 # raises before anything changes
+    if getattr(model, "_mops_attached", None) is not None:
+        raise ValueError("attach: the model already has mops attached; detach(model) first")
+    plan = Plan(prompts, getattr(model.config, "num_hidden_layers", 0))
+    layers = validate(model, plan)                  # raises before anything changes
     if quantize:
         from mops_kernels.modules.int4_linear import replace_linears
         replace_linears(_get_path(model, FAMILIES[model.config.model_type][0].rsplit(".", 1)[0]))
