@@ -143,8 +143,9 @@ def _gate_topk_fwd_kernel(
 
 
 def _block_sizes(T: int, d: int, h: int, E: int):
-    """(BLOCK_B, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_E). tl.dot needs every dim >= 16."""
-    return (16, min(16, triton.next_power_of_2(T)), min(64, max(16, triton.next_power_of_2(d))),
+    """(BLOCK_B, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_E). tl.dot needs every dim >= 16; the pooling
+    tile [BLOCK_B, BLOCK_T, BLOCK_D] is kept at 8K values (64 fp32 registers a thread, 4 warps)."""
+    return (16, min(8, triton.next_power_of_2(T)), min(64, max(16, triton.next_power_of_2(d))),
             min(64, max(16, triton.next_power_of_2(h))), max(16, triton.next_power_of_2(E)))
 
 
