@@ -206,3 +206,47 @@ def test_errors_leave_model_untouched():
     assert _untouched(model, impl)
     with pytest.raises(ValueError, match="nothing is attached"):
         detach(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real backbone (SmolLM2-135M, 4-bit): tokens equal to the unpatched model, per-row experts.
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm():
+    from mops_kernels import load_backbone
+    model, tok = load_backbone()
+    batch = tok(["Write a haiku about the sea.", "What is 17 * 3? Answer:", "Hi"], return_tensors="pt",
+                padding=True)
+    return model, batch
+
+
+@pytest.mark.slow
+def test_smollm_no_prompts_same_tokens(smollm):
+    model, batch = smollm
+    assert batch["attention_mask"][2, 0] == 0                        # left padding is exercised
+    kw = dict(max_new_tokens=4, do_sample=False)
+    want = model.generate(**batch, **kw)
+    attach(model, None)
+    try:
+        assert torch.equal(model.generate(**batch, **kw), want)
+    finally:
+        detach(model)
+
+
+@pytest.mark.slow
+def test_smollm_experts_rows_equal_alone(smollm):
+    from _hf_doubles import MoPs, Bank, Gate
+    model, batch = smollm
+    cfg = model.config
+    bank = Bank(cfg.num_hidden_layers, 11, 4, 5, cfg.num_key_value_heads, cfg.head_dim, scale=1.0)
+    mops = MoPs(bank, Gate(cfg.hidden_size, 4, 10, 2), 11)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    attach(model, mops)
+    try:
+        kw = dict(max_new_tokens=4, do_sample=False)
+        both = model.generate(input_ids=ids[1:], attention_mask=mask[1:], **kw)[:, ids.shape[1]:]
+        for b in (1, 2):
+            i, m = row(ids, mask, b)
+            assert torch.equal(model.generate(input_ids=i, attention_mask=m, **kw)[0, i.shape[1]:], both[b - 1])
+    finally:
+        detach(model)
