@@ -149,3 +149,31 @@ def test_torch_backend_is_the_reference(force_backend):
     idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, 2)
     ridx, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, 2)
     assert torch.equal(idx, ridx) and torch.equal(w, rw)
+
+
+def test_every_k_up_to_64_experts(force_backend):
+    """E = 64 (the widest gate): k = 1 .. E selects and renormalises like the reference."""
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(3, 7, 37, 19, 64)
+    for k in (1, 2, 5, 16, 33, 63, 64):
+        idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, k)
+        ridx, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, k)
+        assert torch.equal(idx, ridx), k
+        assert rel_err(w, rw) <= 1e-4, k
+    assert sorted(idx[0].tolist()) == list(range(64))      # k = E: every slot exactly once
+
+
+def test_bf16_hidden_gradient_dtype(force_backend):
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(2, 9, 37, 19, 6, torch.bfloat16)
+    hidden.requires_grad_()
+    w1.requires_grad_()
+    _, w = gate_topk(hidden, mask, w1, b1, w2, b2, 2)
+    dh, dw1 = torch.autograd.grad(w[:, 0].sum(), [hidden, w1])
+    assert dh.dtype == torch.bfloat16 and dh.shape == hidden.shape and dw1.dtype == torch.float32
+    hf = hidden.detach().float().requires_grad_()           # the fp32 oracle
+    _, rw = reference.gate_topk(hf, mask, w1, b1, w2, b2, 2)
+    rdh, rdw1 = torch.autograd.grad(rw[:, 0].sum(), [hf, w1])
+    assert rel_err(dw1, rdw1) <= 1e-4
+    # dhidden is computed in fp32 and rounded once: within 2x the rounding of the oracle itself.
+    assert rel_err(dh, rdh) <= 2 * rel_err(rdh.to(torch.bfloat16), rdh) + 1e-5
