@@ -197,6 +197,9 @@ def test_check_compatible_names_mismatch(other, name):
     mops = MixtureOfPrompts.for_model(tiny_llama(), num_experts=4, prompt_len=3, gate_layer=1, inject_from=2)
     with pytest.raises(ValueError, match=name):
         mops.check_compatible(tiny_llama(**other))
+    if name != "hidden_size":                                  # the bank alone knows no hidden size
+        with pytest.raises(ValueError, match=name):
+            mops.bank.check_compatible(tiny_llama(**other))
 
 
 def test_mops_save_load_roundtrip(tmp_path, force_backend):

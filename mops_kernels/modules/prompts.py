@@ -150,6 +150,15 @@ class PromptBank(nn.Module):
                 dst[i, slot, :plen].copy_(src)
         self.lens[slot] = length
 
+    def check_compatible(self, model) -> None:
+        """Raise ValueError naming the first mismatch (layers, Hkv, head dim) with an HF model."""
+        dims = _model_dims(model)
+        for name, mine, theirs in (("num_layers", self.num_layers, dims["num_layers"]),
+                                   ("num_key_value_heads", self.num_kv_heads, dims["num_kv_heads"]),
+                                   ("head_dim", self.head_dim, dims["head_dim"])):
+            if mine != theirs:
+                raise ValueError(f"prompt bank built for {name}={mine}, model has {name}={theirs}")
+
     def save(self, path: str) -> None:
         _save_tensors(path, {"keys": self.keys, "values": self.values, "lens": self.lens}, self.config())
 
@@ -337,13 +346,8 @@ class MixtureOfPrompts(nn.Module):
 
     def check_compatible(self, model) -> None:
         """Raise ValueError naming the first mismatch between this bank/gate and `model`."""
+        self.bank.check_compatible(model)
         dims = _model_dims(model)
-        bank = self.bank
-        for name, mine, theirs in (("num_layers", bank.num_layers, dims["num_layers"]),
-                                   ("num_key_value_heads", bank.num_kv_heads, dims["num_kv_heads"]),
-                                   ("head_dim", bank.head_dim, dims["head_dim"])):
-            if mine != theirs:
-                raise ValueError(f"prompt bank built for {name}={mine}, model has {name}={theirs}")
         if self.gate is not None:
             if self.gate.hidden_size != dims["hidden_size"]:
                 raise ValueError(f"gate built for hidden_size={self.gate.hidden_size}, model has "
