@@ -177,3 +177,13 @@ def test_bf16_hidden_gradient_dtype(force_backend):
     assert rel_err(dw1, rdw1) <= 1e-4
     # dhidden is computed in fp32 and rounded once: within 2x the rounding of the oracle itself.
     assert rel_err(dh, rdh) <= 2 * rel_err(rdh.to(torch.bfloat16), rdh) + 1e-5
+
+
+def test_empty_batch_and_no_tokens(force_backend):
+    force_backend("triton")
+    _, _, w1, b1, w2, b2 = _inputs(1, 1, 8, 3, 4)
+    idx, w = gate_topk(torch.randn(0, 5, 8), torch.ones(0, 5), w1, b1, w2, b2, 2)
+    assert idx.shape == (0, 2) and w.shape == (0, 2)
+    idx, w = gate_topk(torch.randn(2, 0, 8), torch.ones(2, 0), w1, b1, w2, b2, 2)   # T = 0: z = 0
+    ridx, rw = reference.gate_topk(torch.zeros(2, 1, 8), torch.ones(2, 1), w1, b1, w2, b2, 2)
+    assert torch.equal(idx, ridx) and rel_err(w, rw) <= 1e-4

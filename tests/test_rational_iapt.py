@@ -155,3 +155,11 @@ def test_iapt_bad_input_names_the_argument(change, name):
     args.update(change)
     with pytest.raises(ValueError, match=name):
         iapt_generate(**args)
+
+
+def test_empty_inputs(force_backend):
+    force_backend("triton")
+    a, b = _coeffs()
+    assert rational(torch.randn(0, 3), a, b).shape == (0, 3)
+    H, mask, w_down, w_sa, a, b, w_up = _iapt_inputs(1, 5, 8, 4)
+    assert iapt_generate(H[:0], mask[:0], w_down, w_sa, a, b, w_up).shape == (0, 4, 8)

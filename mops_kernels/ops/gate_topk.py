@@ -145,7 +145,7 @@ def _gate_topk_fwd_kernel(
 def _block_sizes(T: int, d: int, h: int, E: int):
     """(BLOCK_B, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_E). tl.dot needs every dim >= 16; the pooling
     tile [BLOCK_B, BLOCK_T, BLOCK_D] is kept at 8K values (64 fp32 registers a thread, 4 warps)."""
-    return (16, min(8, triton.next_power_of_2(T)), min(64, max(16, triton.next_power_of_2(d))),
+    return (16, min(8, triton.next_power_of_2(max(T, 1))), min(64, max(16, triton.next_power_of_2(d))),
             min(64, max(16, triton.next_power_of_2(h))), max(16, triton.next_power_of_2(E)))
 
 
@@ -237,6 +237,6 @@ def gate_topk(hidden: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor, b1: to
     """
     _check(hidden, mask, w1, b1, w2, b2, k, activation)
     backend = _backend.pick("gate_topk", hidden.device, ("triton", "torch"))
-    if backend == "torch":
+    if backend == "torch" or hidden.shape[0] == 0:   # (an empty grid is not launchable)
         return reference.gate_topk(hidden, mask, w1, b1, w2, b2, k, activation=activation)
     return GateTopkFunction.apply(hidden, mask, w1, b1, w2, b2, k, activation)

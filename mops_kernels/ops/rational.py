@@ -294,7 +294,7 @@ def rational(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x must be a float tensor, got {x.dtype}")
     _check_coeffs(a, b, x.device)
     backend = _backend.pick("rational", x.device, ("triton", "torch"))
-    if backend == "torch":
+    if backend == "torch" or x.numel() == 0:       # (an empty grid is not launchable)
         return reference.rational(x, a, b).to(x.dtype)
     return RationalFunction.apply(x, a, b)
 
@@ -320,7 +320,7 @@ def iapt_generate(H: torch.Tensor, mask: torch.Tensor, w_down: torch.Tensor, w_s
         if t.device != H.device:
             raise ValueError(f"{name} is on {t.device} but H is on {H.device}")
     backend = _backend.pick("iapt_generate", H.device, ("triton", "torch"))
-    if backend == "torch":
+    if backend == "torch" or B == 0:
         return reference.iapt_generate(H, mask, w_down, w_sa, a, b, w_up).to(H.dtype)
     hp = H @ w_down.to(H.dtype)
     r = IaptPoolFunction.apply(hp, mask.to(torch.float32), w_sa, a, b)
