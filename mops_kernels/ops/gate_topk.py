@@ -138,7 +138,7 @@ def _gate_topk_fwd_kernel(
     total = tl.sum(tl.where(keep, p, 0.0), axis=1)
     out = rows[:, None] * K + rank
     ok = keep & row_ok[:, None]
-    tl.store(idx_ptr + out, (ecol[None, :] + rank * 0).to(tl.int32), mask=ok)
+    tl.store(idx_ptr + out, (ecol[None, :] + rank * 0).to(tl.int32), mask=ok)   # ids, as [BB, BE]
     tl.store(wt_ptr + out, p / total[:, None], mask=ok)
 
 
@@ -175,7 +175,7 @@ class GateTopkFunction(torch.autograd.Function):
         idx, wt, z, maskf = _forward_triton(hidden, mask, w1, b1, w2, b2, k, activation)
         ctx.save_for_backward(z, maskf, w1, b1, w2, b2, idx)
         ctx.activation = activation
-        ctx.hidden_meta = (hidden.shape, hidden.dtype)
+        ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(idx)
         return idx, wt
 
@@ -194,9 +194,8 @@ class GateTopkFunction(torch.autograd.Function):
         dhidden = None
         if ctx.needs_input_grad[0]:
             dz, grads = grads[0], grads[1:]
-            _, dtype = ctx.hidden_meta
             scale = maskf / maskf.sum(1, keepdim=True).clamp(min=1)          # [B, T]
-            dhidden = (scale.unsqueeze(-1) * dz.unsqueeze(1)).to(dtype)
+            dhidden = (scale.unsqueeze(-1) * dz.unsqueeze(1)).to(ctx.hidden_dtype)
         dw1, db1, dw2, db2 = (g.to(p.dtype) if need else None for g, p, need in
                               zip(grads, params, ctx.needs_input_grad[2:6]))
         return dhidden, None, dw1, db1, dw2, db2, None, None
