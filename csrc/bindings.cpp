@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("WITH_CUDA") = false;
 #endif
   // ---- CPU ---------------------------------------------------------------------------------
+  m.def("int4_matmul_cpu", &mops::int4_matmul_cpu, "y = x @ W^T, W block-quantized (4/8-bit), CPU");
+  m.def("int4_matmul_backward_cpu", &mops::int4_matmul_backward_cpu, "dx = dy @ W, W block-quantized, CPU");
   // ---- CUDA --------------------------------------------------------------------------------
 #ifdef WITH_CUDA
 #endif

@@ -5,6 +5,11 @@
 namespace mops {
 
 // ---- CPU ------------------------------------------------------------------------------------
+at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                           const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits);
+at::Tensor int4_matmul_backward_cpu(const at::Tensor& dy, const at::Tensor& qweight,
+                                    const at::Tensor& scale, const c10::optional<at::Tensor>& min,
+                                    int64_t group_size, int64_t bits);
 
 #ifdef WITH_CUDA
 // ---- CUDA -----------------------------------------------------------------------------------

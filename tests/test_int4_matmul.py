@@ -1,0 +1,230 @@
+"""int4_matmul (SPEC §3) on every backend against x @ qw.dequantize().T in fp64.
+
+Backends here: cpu (the C++ extension), triton (through the interpreter), torch; cuda under
+requires_cuda. Weight configs: 4-bit groups 32/64/128 and 8-bit (Q8_0), K = 576 (640 for G = 128,
+since 576 is not a multiple of 128), M = 1, 3 (decode GEMV) and 37 (prefill GEMM / tiled path).
+"""
+import pytest
+import torch
+from conftest import available_backends, requires_cuda
+from utils import rel_err, tol_ok
+
+from mops_kernels import _backend, reference
+from mops_kernels.ops.int4_matmul import int4_matmul
+from mops_kernels.ops.quant_format import QuantizedWeight, int4_quantize, int8_quantize, quantize
+
+CPU_BACKENDS = [b for b in ("cpu", "triton", "torch") if b in available_backends("cpu")]
+WEIGHTS = [(4, 32, 576), (4, 64, 576), (4, 128, 640), (8, 32, 576)]     # (bits, group, K)
+DTYPES = [(torch.float32, 1e-4), (torch.bfloat16, None), (torch.float16, None)]  # (dtype, fp32 tol)
+
+
+def _grid(backend, Ms, dtypes):
+    """(backend, bits, G, K, M, dtype, tol) rows; the interpreted Triton backend gets every weight
+    config in fp32 and the low-precision dtypes on two configs (its dtype handling is shared)."""
+    rows = []
+    for bits, G, K in WEIGHTS:
+        for M in Ms:
+            for dtype, tol in dtypes:
+                if backend == "triton" and dtype != torch.float32 and (G != 32 or M == 3):
+                    continue
+                rows.append(pytest.param(backend, bits, G, K, M, dtype, tol,
+                                         id=f"{backend}-q{bits}g{G}-K{K}-M{M}-{str(dtype)[6:]}"))
+    return rows
+
+
+def _n_for(backend):
+    return 160 if backend == "triton" else 1536   # the interpreter is slow: fewer output rows
+
+
+def _case(bits, G, K, N, device="cpu"):
+    w = torch.randn(N, K, device=device) * 0.05 + 0.01 * torch.randn(N, 1, device=device)
+    return quantize(w, bits=bits, group_size=G)
+
+
+def _check_close(out, x, qw, dtype, bias=None):
+    """out vs the fp64 product; low precision within 2x plain PyTorch in that dtype + 1e-5."""
+    W = qw.dequantize(torch.float64)
+    ref = x.double() @ W.t() + (0 if bias is None else bias.double())
+    plain = x @ qw.dequantize(dtype).t() + (0 if bias is None else bias)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert not torch.isnan(out).any()
+    assert tol_ok(out, ref, plain, dtype), (rel_err(out, ref), rel_err(plain, ref))
+
+
+@pytest.mark.parametrize("backend,bits,G,K,M,dtype,_tol",
+                         [r for b in CPU_BACKENDS for r in _grid(b, [1, 3, 37], DTYPES)])
+def test_forward(force_backend, backend, bits, G, K, M, dtype, _tol):
+    force_backend(backend)
+    qw = _case(bits, G, K, _n_for(backend))
+    x = torch.randn(M, K).to(dtype)
+    _check_close(int4_matmul(x, qw), x, qw, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bits,G,K,M", [(4, 64, 576, 3), (8, 32, 576, 37)])
+def test_bias_noncontiguous_3d(force_backend, backend, bits, G, K, M):
+    force_backend(backend)
+    N = _n_for(backend)
+    qw = _case(bits, G, K, N)
+    bias = torch.randn(N)
+    # [2, M, K] view with a last-dim stride of 2 (every other column of a wider tensor)
+    x = torch.randn(2, M, 2 * K)[..., ::2]
+    assert not x.is_contiguous()
+    out = int4_matmul(x, qw, bias)
+    assert out.shape == (2, M, N)
+    _check_close(out.reshape(-1, N), x.reshape(-1, K), qw, torch.float32, bias)
+    # a transposed x (rows strided, columns contiguous) as well
+    xt = torch.randn(K, M).t()
+    _check_close(int4_matmul(xt, qw, bias), xt, qw, torch.float32, bias)
+
+
+@pytest.mark.parametrize("backend,bits,G,K,M,dtype,_tol",
+                         [r for b in CPU_BACKENDS for r in _grid(b, [1, 37], DTYPES[:2])])
+def test_backward_dx(force_backend, backend, bits, G, K, M, dtype, _tol):
+    force_backend(backend)
+    N = _n_for(backend)
+    qw = _case(bits, G, K, N)
+    x = torch.randn(M, K).to(dtype).requires_grad_()
+    dy = torch.randn(M, N).to(dtype)
+    int4_matmul(x, qw).backward(dy)
+    # the reference's autograd, in fp64 through the fp32 oracle's math
+    x64 = x.detach().double().requires_grad_()
+    (x64 @ qw.dequantize(torch.float64).t()).backward(dy.double())
+    xr = x.detach().float().requires_grad_()
+    reference.int4_matmul(xr, qw).backward(dy.float())
+    assert rel_err(xr.grad, x64.grad) <= 1e-5           # the oracle agrees with fp64
+    plain = dy @ qw.dequantize(dtype)
+    assert x.grad.dtype == dtype
+    assert tol_ok(x.grad, x64.grad, plain, dtype), (rel_err(x.grad, x64.grad), rel_err(plain, x64.grad))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rows_are_independent(force_backend, backend):
+    """A NaN in one row of x poisons that output row and no other (catches mixed-up rows)."""
+    force_backend(backend)
+    qw = _case(4, 32, 576, _n_for(backend))
+    for M in (3, 37):
+        x = torch.randn(M, 576)
+        x[1, 100] = float("nan")
+        out = int4_matmul(x, qw)
+        assert torch.isnan(out[1]).all()
+        assert not torch.isnan(out[torch.arange(M) != 1]).any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_inputs_raise(force_backend, backend):
+    force_backend(backend)
+    qw = _case(4, 32, 576, 64)
+    with pytest.raises(ValueError, match="K=576"):
+        int4_matmul(torch.randn(2, 512), qw)
+    with pytest.raises(ValueError, match="float"):
+        int4_matmul(torch.randint(0, 3, (2, 576)), qw)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        int4_matmul(torch.randn(2, 576), qw.to("meta"))
+    with pytest.raises(ValueError, match="bias"):
+        int4_matmul(torch.randn(2, 576), qw, torch.randn(63))
+    with pytest.raises(TypeError, match="QuantizedWeight"):
+        int4_matmul(torch.randn(2, 576), qw.dequantize())
+
+
+def test_forced_backend_that_cannot_run_raises(force_backend):
+    force_backend("cuda")
+    qw = _case(4, 32, 576, 64)
+    with pytest.raises(_backend.BackendUnavailable, match="cuda"):
+        int4_matmul(torch.randn(2, 576), qw)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the compiled extension")
+def test_cpu_glue_checks_arguments():
+    ext = _backend.extension()
+    qw = _case(4, 32, 576, 64)
+    x = torch.randn(2, 576)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        ext.int4_matmul_cpu(x, qw.qweight, qw.scale.float(), qw.min, 32, 4)
+    with pytest.raises(RuntimeError, match="min is required"):
+        ext.int4_matmul_cpu(x, qw.qweight, qw.scale, None, 32, 4)
+    with pytest.raises(RuntimeError, match="x must have shape"):
+        ext.int4_matmul_cpu(torch.randn(2, 570), qw.qweight, qw.scale, qw.min, 32, 4)
+    with pytest.raises(RuntimeError, match="int8"):
+        ext.int4_matmul_cpu(x, qw.qweight, qw.scale, None, 32, 8)
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_int4_quantize_round_trip(G):
+    w = torch.randn(48, 640) * torch.rand(48, 1)
+    qw = int4_quantize(w, G)
+    q = qw.unpack()
+    assert q.min() >= 0 and q.max() <= 15
+    assert set(q.unique().tolist()) == set(range(16))        # every code is used
+    err = (qw.dequantize() - w).abs().view(48, -1, G)
+    half_step = qw.scale.float().unsqueeze(-1) / 2
+    # <= scale/2 per element, up to the fp16 rounding of scale and min (a few ulps of |w|)
+    assert (err <= half_step * (1 + 2e-3) + 1e-3 * w.abs().view(48, -1, G).amax(-1, keepdim=True)).all()
+    assert err.mean() < half_step.mean()
+
+
+def test_int8_quantize_round_trip():
+    w = torch.randn(48, 576)
+    qw = int8_quantize(w)
+    q = qw.unpack()
+    assert q.min() >= -127 and q.max() <= 127 and (q.abs() == 127).any()
+    err = (qw.dequantize() - w).abs().view(48, -1, 32)
+    assert (err <= qw.scale.float().unsqueeze(-1) / 2 * (1 + 2e-3) + 1e-6).all()
+
+
+def test_int4_linear_matches_linear(force_backend):
+    from mops_kernels.modules.int4_linear import Int4Linear
+    lin = torch.nn.Linear(576, 96)
+    mod = Int4Linear.from_linear(lin, bits=4, group_size=64)
+    x = torch.randn(2, 5, 576)
+    ref = x.double() @ mod.dequantize(torch.float64).t() + lin.bias.double()
+    assert rel_err(mod(x), ref) <= 1e-5
+    assert mod.dequantize().shape == (96, 576)
+
+
+# ---- CUDA (run on the GPU machine) -------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("bits,G,K", WEIGHTS)
+@pytest.mark.parametrize("M", [1, 3, 16, 37])
+@pytest.mark.parametrize("dtype,_tol", DTYPES)
+def test_forward_cuda(force_backend, backend, bits, G, K, M, dtype, _tol):
+    if backend == "cuda" and not _backend.extension_has_cuda():
+        pytest.skip("the extension was built without CUDA kernels")
+    force_backend(backend)
+    qw = _case(bits, G, K, 1536, device="cuda")
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    if backend == "cuda" and M > 16:   # the CUDA GEMV is the decode kernel: prefill is refused
+        with pytest.raises(_backend.BackendUnavailable):
+            int4_matmul(x, qw)
+        return
+    bias = torch.randn(1536, device="cuda").to(dtype)
+    _check_close(int4_matmul(x, qw, bias), x, qw, dtype, bias)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("bits,G,K", [(4, 32, 576), (8, 32, 576)])
+def test_backward_dx_cuda(force_backend, backend, bits, G, K):
+    if backend == "cuda" and not _backend.extension_has_cuda():
+        pytest.skip("the extension was built without CUDA kernels")
+    force_backend(backend)
+    qw = _case(bits, G, K, 1536, device="cuda")
+    x = torch.randn(3, K, device="cuda", requires_grad=True)
+    dy = torch.randn(3, 1536, device="cuda")
+    int4_matmul(x, qw).backward(dy)
+    ref = dy.double() @ qw.dequantize(torch.float64)
+    assert rel_err(x.grad, ref) <= 1e-4
+
+
+@requires_cuda
+def test_weight_on_other_device_raises_cuda():
+    qw = _case(4, 32, 576, 64, device="cuda")
+    with pytest.raises(ValueError, match="weight is on cuda"):
+        int4_matmul(torch.randn(2, 576), qw)
+
+
+def test_quantized_weight_is_validated():
+    qw = _case(4, 32, 576, 64)
+    with pytest.raises(ValueError, match="scale must be"):
+        QuantizedWeight(qw.qweight, qw.scale.float(), qw.min, qw.shape, 32, 4)
