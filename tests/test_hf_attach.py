@@ -11,8 +11,17 @@ GEN = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
 
 def _gen_rows(model, ids, mask, **kw):
     """Generated tokens of each row (prompt and padding stripped)."""
-    out = model.generate(input_ids=ids, attention_mask=mask, **GEN, **kw)
+    out = model.generate(input_ids=ids, attention_mask=mask, **{**GEN, **kw})
     return out[:, ids.shape[1]:]
+
+
+def _rows_equal_alone(model, ids, mask, **kw):
+    """Generate the batch, check each row equals that request alone; returns the batch's tokens."""
+    batched = _gen_rows(model, ids, mask, **kw)
+    for b in range(ids.shape[0]):
+        i, m = row(ids, mask, b)
+        assert torch.equal(_gen_rows(model, i, m, **kw)[0], batched[b]), f"row {b}"
+    return batched
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -52,11 +61,8 @@ def test_gate_mixed_batch_rows_equal_alone():
     ids, mask = left_padded()
     plain = _gen_rows(model, ids, mask)
     attach(model, mops)
-    batched = _gen_rows(model, ids, mask)
-    assert mops.gate.calls == 1                           # once at prefill, not per decode step
-    for b in range(ids.shape[0]):
-        i, m = row(ids, mask, b)
-        assert torch.equal(_gen_rows(model, i, m)[0], batched[b]), f"row {b}"
+    batched = _rows_equal_alone(model, ids, mask)
+    assert mops.gate.calls == 1 + ids.shape[0]            # once per generate (prefill), not per step
     assert not torch.equal(batched, plain)                # the experts changed the answer
 
 
@@ -128,20 +134,37 @@ def test_explicit_slots_match_prefix_attention_math():
     assert (caught["out"] - want)[real].abs().max() < 1e-4
 
 
+def test_real_prompt_modules_rows_equal_alone():
+    """The package's MixtureOfPrompts (gate + bank) and InstructionPromptGenerator, not doubles."""
+    from mops_kernels import InstructionPromptGenerator, MixtureOfPrompts
+    model = tiny_model()
+    torch.manual_seed(4)
+    mops = MixtureOfPrompts.for_model(model, num_experts=5, prompt_len=6, top_k=2, gate_layer=1, inject_from=2)
+    with torch.no_grad():
+        mops.bank.keys.normal_(0, 2.0), mops.bank.values.normal_(0, 2.0)
+    gen = InstructionPromptGenerator(model.config.hidden_size, 4, [2, 3], bottleneck=16)
+    with torch.no_grad():
+        gen.w_up.normal_(0, 1.0)
+    ids, mask = left_padded()
+    plain = _gen_rows(model, ids, mask)
+    for prompts in (mops, gen):
+        attach(model, prompts)
+        batched = _rows_equal_alone(model, ids, mask)
+        assert not torch.equal(batched, plain)
+        detach(model)
+    with pytest.raises(ValueError, match="4 layers, model has 3"):
+        attach(tiny_model(layers=3), mops)
+
+
 def test_beam_search_keeps_experts():
     model = tiny_model()
     mops = tiny_mops(model)
     ids, mask = left_padded()
     attach(model, mops)
-    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, early_stopping=True)
-    batched = model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
-    for b in range(3):
-        i, m = row(ids, mask, b)
-        alone = model.generate(input_ids=i, attention_mask=m, **kw)[0, i.shape[1]:]
-        assert torch.equal(alone, batched[b]), f"row {b}"
+    kw = dict(max_new_tokens=6, num_beams=3, early_stopping=True)
+    batched = _rows_equal_alone(model, ids, mask, **kw)
     detach(model)
-    assert not torch.equal(model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:],
-                           batched)
+    assert not torch.equal(_gen_rows(model, ids, mask, **kw), batched)
 
 
 def test_iapt_generator_rows_equal_alone():
@@ -150,10 +173,7 @@ def test_iapt_generator_rows_equal_alone():
     ids, mask = left_padded()
     plain = _gen_rows(model, ids, mask)
     attach(model, gen)
-    batched = _gen_rows(model, ids, mask)
-    for b in range(3):
-        i, m = row(ids, mask, b)
-        assert torch.equal(_gen_rows(model, i, m)[0], batched[b]), f"row {b}"
+    batched = _rows_equal_alone(model, ids, mask)
     assert not torch.equal(batched, plain)
 
 

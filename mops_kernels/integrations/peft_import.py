@@ -100,6 +100,4 @@ def from_peft(model, dirs: Sequence[str]):
     bank = PromptBank(L, list(range(L)), len(adapters), P, Hkv, D, dtype, device)
     for slot, (_, layers) in enumerate(adapters):
         bank.set_slot(slot, {l: (k.to(device, dtype), v.to(device, dtype)) for l, (k, v) in layers.items()})
-    mops = MixtureOfPrompts(bank, None, 0)
-    mops.position_offset = P
-    return mops
+    return MixtureOfPrompts(bank, None, 0, position_offset=P)
