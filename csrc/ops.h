@@ -11,6 +11,14 @@ at::Tensor int4_matmul_backward_cpu(const at::Tensor& dy, const at::Tensor& qwei
                                     const at::Tensor& scale, const c10::optional<at::Tensor>& min,
                                     int64_t group_size, int64_t bits);
 
+at::Tensor prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& prefix_k,
+                                const c10::optional<at::Tensor>& prefix_v,
+                                const c10::optional<at::Tensor>& prefix_index,
+                                const c10::optional<at::Tensor>& prefix_weight,
+                                const c10::optional<at::Tensor>& prefix_lens,
+                                const c10::optional<at::Tensor>& attention_mask, bool causal, double scale);
+
 #ifdef WITH_CUDA
 // ---- CUDA -----------------------------------------------------------------------------------
 #endif
