@@ -7,8 +7,8 @@
 
 - Static KV cache: per layer K, V [max_batch, Hkv, max_len, D], preallocated; row b of the batch is a
   slot owned by one request while it runs; `mask` [max_batch, max_len] marks its valid tokens.
-- Prefill: each new request runs alone (batch 1, T prompt tokens) straight into its slot rows: the
-  gate reads the masked mean after `gate_layer` in that pass (unless the request named its experts),
+- Prefill: the requests admitted at a step run together (right-padded, causal + padding mask)
+  straight into their slot rows: the gate reads the masked mean after `gate_layer` in that pass (unless the request named its experts),
   IAPT prompts are generated from the hidden states entering each injected layer.
 - Decode: one step for all max_batch rows at once (free rows are fully masked and produce nothing):
   the new key/value of row b is written at position lens[b], then `prefix_attention(q [B, Hq, 1, D],
@@ -132,12 +132,15 @@ class Engine:
     def step(self):
         """Admit waiting requests into free slots (prefill), then one decode step. Returns the events."""
         events = []
+        new = []
         while self.waiting and None in self.slots:
             req = self.waiting.popleft()
             req.slot = self.slots.index(None)
             self.slots[req.slot] = req
-            tok = self._prefill(req)
-            events += self._emit(req, tok)
+            new.append(req)
+        if new:
+            for req, tok in zip(new, self._prefill(new)):
+                events += self._emit(req, tok)
         if any(s is not None for s in self.slots):
             logits = self._decode()
             nxt = logits.argmax(-1).tolist()
@@ -165,7 +168,7 @@ class Engine:
         return [(req, tok)]
 
     def _prefix(self, l, rows):
-        """(pool_k, pool_v, index, weight, lens) for layer l and batch rows `rows` (slice)."""
+        """(pool_k, pool_v, index, weight, lens) for layer l and batch rows `rows` (slice or index)."""
         plan = self.plan
         if l in self.iapt:
             pk, pv = self.iapt[l]
@@ -192,41 +195,45 @@ class Engine:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     @torch.no_grad()
-    def _prefill(self, req):
-        b, T, plan = req.slot, req.ids.numel(), self.plan
-        self.index[b] = -1
-        self.weight[b] = 0
-        if req.expert_index is not None:
-            n = req.expert_index.shape[1]
-            self.index[b, :n] = req.expert_index[0].to(torch.int32)
-            self.weight[b, :n] = 1.0 if req.expert_weight is None else req.expert_weight[0]
-        h = self.embed(req.ids.view(1, T))
-        pos = torch.arange(T, device=self.device).view(1, T) + plan.position_offset
+    def _prefill(self, reqs):
+        """Prefill new requests together (right-padded to the longest): one token each."""
+        plan, dev = self.plan, self.device
+        n, T = len(reqs), max(r.ids.numel() for r in reqs)
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        ids = torch.zeros(n, T, dtype=torch.long, device=dev)
+        pad = torch.zeros(n, T, dtype=torch.long, device=dev)      # 1 = real token (right padding)
+        for i, r in enumerate(reqs):
+            ids[i, :r.ids.numel()], pad[i, :r.ids.numel()] = r.ids, 1
+            self.index[r.slot], self.weight[r.slot] = -1, 0.0
+            if r.expert_index is not None:
+                k = r.expert_index.shape[1]
+                self.index[r.slot, :k] = r.expert_index[0].to(torch.int32)
+                self.weight[r.slot, :k] = 1.0 if r.expert_weight is None else r.expert_weight[0]
+        gated = [i for i, r in enumerate(reqs) if r.expert_index is None and plan.gate is not None]
+        h = self.embed(ids)
+        pos = torch.arange(T, device=dev).expand(n, T) + plan.position_offset
         cos, sin = self.rotary(h, pos)
-        ones = torch.ones(1, T, dtype=torch.long, device=self.device)
-        rows = slice(b, b + 1)
         for l, layer in enumerate(self.layers):
             if l in self.iapt:
-                soft = plan.generator(l, h, ones)
-                pk, pv = plan.generator.to_prefix(layer, soft)
-                self.iapt[l][0][b], self.iapt[l][1][b] = pk[0], pv[0]
+                pk, pv = plan.generator.to_prefix(layer, plan.generator(l, h, pad))
+                self.iapt[l][0][slots], self.iapt[l][1][slots] = pk, pv
             q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
-            self.K[l][b, :, :T], self.V[l][b, :, :T] = k[0], v[0]
-            pk, pv, idx, w, lens = self._prefix(l, rows)
-            o = run_prefix_attention(q, k, v, pk, pv, idx, w, lens=lens, causal=True,
+            self.K[l][slots, :, :T], self.V[l][slots, :, :T] = k, v
+            pk, pv, idx, w, lens = self._prefix(l, slots)
+            o = run_prefix_attention(q, k, v, pk, pv, idx, w, lens=lens, mask=pad, causal=True,
                                      scale=layer.self_attn.scaling)
             h = self._finish_layer(layer, h, o)
-            if plan.gate is not None and req.expert_index is None and l == int(plan.gate.gate_layer):
-                gi, gw = plan.gate(h, ones)
-                n = gi.shape[1]
-                self.index[b], self.weight[b] = -1, 0.0
-                self.index[b, :n], self.weight[b, :n] = gi[0].to(torch.int32), gw[0].float()
-        self.mask[b].zero_()
-        self.mask[b, :T] = 1
-        self.lens[b] = T
-        self.active[b] = 1
-        logits = self.lm_head(self.norm(h[:, -1]))
-        return int(logits.argmax(-1))
+            if gated and l == int(plan.gate.gate_layer):
+                gi, gw = plan.gate(h, pad)
+                g = slots[gated]
+                self.index[g, :gi.shape[1]] = gi[gated].to(torch.int32)
+                self.weight[g, :gi.shape[1]] = gw[gated].float()
+        self.mask[slots] = 0
+        self.mask[slots, :T] = pad
+        self.lens[slots] = pad.sum(1)
+        self.active[slots] = 1
+        last = h[torch.arange(n, device=dev), pad.sum(1) - 1]
+        return self.lm_head(self.norm(last)).argmax(-1).tolist()
 
     def _decode_step(self):
         """One token for every row from the static buffers (capturable: no host sync, static shapes)."""
