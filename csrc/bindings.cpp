@@ -18,5 +18,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gated prefix attention, decode (T = 1), pool read through the index, CPU");
   // ---- CUDA --------------------------------------------------------------------------------
 #ifdef WITH_CUDA
+  m.def("int4_matmul_cuda", &mops::int4_matmul_cuda, "y = x @ W^T, W block-quantized (4/8-bit), decode GEMV");
 #endif
 }

@@ -21,6 +21,8 @@ at::Tensor prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 
 #ifdef WITH_CUDA
 // ---- CUDA -----------------------------------------------------------------------------------
+at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                            const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits);
 #endif
 
 }  // namespace mops
