@@ -66,12 +66,10 @@ void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_
   at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
     if (M == 1) {
       const int64_t mid = b + (e - b) / 2 * 2;  // pairs of rows, then the odd one out
-      int4cpu::q4_rows<2, 1>(xp, xsum, q, s, mn, y, M, N, K, G, b, mid);
-      int4cpu::q4_rows<1, 1>(xp, xsum, q, s, mn, y, M, N, K, G, mid, e);
-    } else if (M <= 4) {
-      int4cpu::q4_rows<1, 4>(xp, xsum, q, s, mn, y, M, N, K, G, b, e);
-    } else {
-      int4cpu::q4_rows<1, 16>(xp, xsum, q, s, mn, y, M, N, K, G, b, e);
+      int4cpu::q4_rows<2, 1, 1>(xp, xsum, q, s, mn, y, M, N, K, G, b, mid);
+      int4cpu::q4_rows<1, 1, 1>(xp, xsum, q, s, mn, y, M, N, K, G, mid, e);
+    } else {  // xp / xsum are zero-padded to a multiple of 4 rows
+      int4cpu::q4_rows<1, 4, kMaxGemvM>(xp, xsum, q, s, mn, y, M, N, K, G, b, e);
     }
   });
 }
@@ -107,8 +105,9 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   if (M == 0) return at::empty({0, N}, x.options());
 
   if (M <= kMaxGemvM) {
-    at::Tensor xp = at::empty({M, K}, xf.options());
-    at::Tensor xsum = at::empty({M, K / group_size}, xf.options());
+    const int64_t Mpad = (M + 3) / 4 * 4;  // the 4-bit kernel runs rows of x in tiles of 4
+    at::Tensor xp = at::zeros({Mpad, K}, xf.options());
+    at::Tensor xsum = at::zeros({Mpad, K / group_size}, xf.options());
     int4cpu::prepare_x(xf.data_ptr<float>(), xp.data_ptr<float>(), xsum.data_ptr<float>(), M, K,
                        group_size, (int)bits);
     at::Tensor y = at::empty({M, N}, xf.options());

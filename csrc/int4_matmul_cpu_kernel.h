@@ -92,14 +92,16 @@ inline float hsum256(__m256 v) {
 
 // ---- 4-bit ------------------------------------------------------------------------------------
 // Rows n in [n0, n1) of y [M, N] (fp32). qw: K/2 bytes per row; scale, mins: fp16 bits [N, K/G].
-// ROWS weight rows per step (2 for M = 1), M <= MAXM.
-template <int ROWS, int MAXM>
+// ROWS weight rows per step (2 for M = 1). Rows of x go in tiles of MT (1 or 4) whose dot products
+// are independent FMA chains; xp and xsum hold M rounded up to MT rows (zero padded), MAXM >= that.
+template <int ROWS, int MT, int MAXM>
 void q4_rows(const float* xp, const float* xsum, const uint8_t* qw, const uint16_t* scale,
              const uint16_t* mins, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
              int64_t n0, int64_t n1) {
   const int64_t ng = K / G;
   const int64_t K64 = K - K % 64;
   const int mm = (int)(M < MAXM ? M : MAXM);
+  const int mpad = (mm + MT - 1) / MT * MT;
   for (int64_t n = n0; n + ROWS <= n1; n += ROWS) {
     float tail[ROWS][MAXM];  // the trailing 32-column block and the min terms, in scalar
     for (int r = 0; r < ROWS; ++r)
@@ -120,7 +122,7 @@ void q4_rows(const float* xp, const float* xsum, const uint8_t* qw, const uint16
     const __m256i mask = _mm256_set1_epi32(0x0f);
     __m256 acc[ROWS][MAXM];
     for (int r = 0; r < ROWS; ++r)
-      for (int m = 0; m < mm; ++m) acc[r][m] = _mm256_setzero_ps();
+      for (int m = 0; m < mpad; ++m) acc[r][m] = _mm256_setzero_ps();
     for (int64_t c = 0; c < K64; c += 64) {
       __m256 w[ROWS][8];
       __m256 sv[ROWS];
@@ -134,15 +136,17 @@ void q4_rows(const float* xp, const float* xsum, const uint8_t* qw, const uint16
         sv[r] = _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_set1_epi16((short)sr[c / G]),
                                                    _mm_set1_epi16((short)sr[(c + 32) / G])));
       }
-      for (int m = 0; m < mm; ++m) {
-        const float* xr = xp + m * K + c;
-        __m256 d[ROWS];
-        for (int r = 0; r < ROWS; ++r) d[r] = _mm256_setzero_ps();
-        for (int e = 0; e < 8; ++e) {
-          const __m256 xv = _mm256_loadu_ps(xr + 8 * e);
-          for (int r = 0; r < ROWS; ++r) d[r] = _mm256_fmadd_ps(w[r][e], xv, d[r]);
-        }
-        for (int r = 0; r < ROWS; ++r) acc[r][m] = _mm256_fmadd_ps(d[r], sv[r], acc[r][m]);
+      for (int m0 = 0; m0 < mpad; m0 += MT) {
+        __m256 d[ROWS][MT];
+        for (int r = 0; r < ROWS; ++r)
+          for (int k = 0; k < MT; ++k) d[r][k] = _mm256_setzero_ps();
+        for (int e = 0; e < 8; ++e)
+          for (int k = 0; k < MT; ++k) {
+            const __m256 xv = _mm256_loadu_ps(xp + (m0 + k) * K + c + 8 * e);
+            for (int r = 0; r < ROWS; ++r) d[r][k] = _mm256_fmadd_ps(w[r][e], xv, d[r][k]);
+          }
+        for (int r = 0; r < ROWS; ++r)
+          for (int k = 0; k < MT; ++k) acc[r][m0 + k] = _mm256_fmadd_ps(d[r][k], sv[r], acc[r][m0 + k]);
       }
     }
     for (int r = 0; r < ROWS; ++r)
