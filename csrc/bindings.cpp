@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gated prefix attention, decode (T = 1), pool read through the index, CPU");
   // ---- CUDA --------------------------------------------------------------------------------
 #ifdef WITH_CUDA
+  m.def("prefix_attention_cuda", &mops::prefix_attention_cuda,
+        "gated prefix attention, decode (T = 1): split-K over S + prefix split, then a merge");
   m.def("int4_matmul_cuda", &mops::int4_matmul_cuda, "y = x @ W^T, W block-quantized (4/8-bit), decode GEMV");
 #endif
 }

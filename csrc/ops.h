@@ -21,6 +21,13 @@ at::Tensor prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 
 #ifdef WITH_CUDA
 // ---- CUDA -----------------------------------------------------------------------------------
+at::Tensor prefix_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const c10::optional<at::Tensor>& prefix_k,
+                                 const c10::optional<at::Tensor>& prefix_v,
+                                 const c10::optional<at::Tensor>& prefix_index,
+                                 const c10::optional<at::Tensor>& prefix_weight,
+                                 const c10::optional<at::Tensor>& prefix_lens,
+                                 const c10::optional<at::Tensor>& attention_mask, bool causal, double scale);
 at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                             const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits);
 #endif
