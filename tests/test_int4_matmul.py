@@ -99,6 +99,17 @@ def test_backward_dx(force_backend, backend, bits, G, K, M, dtype, _tol):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("M", [1, 5])
+def test_k_not_a_multiple_of_64(force_backend, backend, bits, M):
+    """K = 608 = 19 * 32: a trailing 32-column block after the 64-column chunks."""
+    force_backend(backend)
+    qw = _case(bits, 32, 608, 96)
+    x = torch.randn(M, 608)
+    _check_close(int4_matmul(x, qw), x, qw, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_rows_are_independent(force_backend, backend):
     """A NaN in one row of x poisons that output row and no other (catches mixed-up rows)."""
     force_backend(backend)

@@ -256,7 +256,8 @@ def _supported(x2: torch.Tensor, qw: QuantizedWeight):
             out.append("triton")
         # the CUDA GEMV reads 16-byte vectors of weight rows and of x: aligned pointers and rows
         if (_backend.extension_has_cuda() and x2.shape[0] <= _GEMV_MAX_M
-                and qw.qweight.data_ptr() % 16 == 0 and x2.data_ptr() % 16 == 0):
+                and qw.qweight.data_ptr() % 16 == 0 and x2.data_ptr() % 16 == 0
+                and (x2.stride(0) * x2.element_size()) % 16 == 0):
             out.append("cuda")
     return out
 
