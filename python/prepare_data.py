@@ -1,0 +1,59 @@
+"""Build the multi-task BIG-bench cache for MoPs training from the `bigbench` sdist (no install).
+
+    python python/prepare_data.py --out data/bigbench            # finds / downloads the sdist
+    python python/prepare_data.py --sdist /tmp/bb/bigbench-1.0.0.tar.gz --out data/bigbench
+
+The 10 default tasks are generative (a string target, scored here by LM perplexity), have short
+instructions (most under 100 tokens, so a CPU run fits in an hour) and >= 200 examples, and were picked
+to differ in the skill they exercise so that a gate has something to route on:
+    qa_wikidata                    factual recall (short Wikidata questions)
+    word_unscrambling              letter-level manipulation
+    cryptonite                     cryptic-crossword clues (wordplay)
+    tense                          grammatical rewriting of a sentence into another tense
+    auto_categorization            naming the category shared by a list of things
+    object_counting                counting objects described in a sentence
+    matrixshapes                   tracking matrix shapes through algebra (symbolic math)
+    international_phonetic_alphabet_transliterate   English <-> IPA transliteration
+    word_sorting                   sorting words alphabetically (long, copy-like outputs)
+    operators                      applying a newly defined operator (in-context arithmetic)
+Each task is shuffled with --seed and cut into train / validation / test (80/10/10) after keeping at
+most --max-examples examples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mops_kernels.training.data import find_sdist, prepare  # noqa: E402
+
+DEFAULT_TASKS = ("qa_wikidata", "word_unscrambling", "cryptonite", "tense", "auto_categorization",
+                 "object_counting", "matrixshapes", "international_phonetic_alphabet_transliterate",
+                 "word_sorting", "operators")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sdist", help="bigbench-*.tar.gz (default: found in /tmp/bb or pip's cache, else downloaded)")
+    ap.add_argument("--out", required=True, help="cache directory to write")
+    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-examples", type=int, default=300, help="per task, before splitting")
+    ap.add_argument("--min-examples", type=int, default=30)
+    args = ap.parse_args(argv)
+    sdist = args.sdist or find_sdist(["/tmp/bb"], download_dir=os.path.join(args.out, "_sdist"))
+    manifest = prepare(sdist, args.out, args.tasks, seed=args.seed, max_examples=args.max_examples,
+                       min_examples=args.min_examples)
+    for t in manifest["tasks"]:
+        print(f"{t:50s} " + " ".join(f"{s}={n}" for s, n in manifest["counts"][t].items()))
+    if manifest["skipped"]:
+        print("skipped (missing or too few generative examples):", ", ".join(manifest["skipped"]))
+    print(json.dumps({k: manifest[k] for k in ("seed", "fractions", "max_examples", "sdist")}))
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
