@@ -87,3 +87,28 @@ def test_engine_errors():
         eng.submit([1, 2, 3], expert_index=[7], max_new_tokens=5)
     with pytest.raises(ValueError, match="max_len"):
         eng.submit(list(range(1, 19)), expert_index=[1], max_new_tokens=5)
+
+
+@pytest.mark.slow
+def test_engine_smollm_matches_generate():
+    import mops_kernels
+    from mops_kernels.integrations.hf import detach
+    model, tok = mops_kernels.load_backbone()
+    torch.manual_seed(0)
+    mops = mops_kernels.MixtureOfPrompts.for_model(model, num_experts=4, prompt_len=5, top_k=2,
+                                                   gate_layer=10, inject_from=11)
+    with torch.no_grad():
+        mops.bank.keys.normal_(0, 1.0), mops.bank.values.normal_(0, 1.0)
+    texts = ["The sea is", "Two plus two equals four because"]
+    ids = [tok(t, return_tensors="pt")["input_ids"][0] for t in texts]
+    eng = Engine(model, mops, max_batch=2, max_len=32)
+    reqs = [eng.submit(ids[0], expert_index=[1, 3], expert_weight=[0.6, 0.4], max_new_tokens=4),
+            eng.submit(ids[1], max_new_tokens=4)]           # the gate picks
+    eng.run_until_done()
+    attach(model, mops)
+    try:
+        assert reqs[0].tokens == _hf_alone(model, ids[0], 4, expert_index=torch.tensor([[1, 3]]),
+                                           expert_weight=torch.tensor([[0.6, 0.4]]))
+        assert reqs[1].tokens == _hf_alone(model, ids[1], 4)
+    finally:
+        detach(model)
