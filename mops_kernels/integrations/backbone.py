@@ -37,9 +37,9 @@ Weight = Union[QuantizedWeight, torch.Tensor]
 
 # Chat prompts used by the demo and the parity tests (one place, so both measure the same thing).
 EXAMPLE_PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
     "Give me three tips for learning Python.",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
     "Explain photosynthesis in one sentence.",
     "What is 17 times 23?",
     "Name a famous painting by Leonardo da Vinci.",
