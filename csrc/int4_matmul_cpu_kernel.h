@@ -90,6 +90,21 @@ inline float hsum256(__m256 v) {
 }
 #endif
 
+// sum_g h[g] * f[g] for fp16 bits h (the Q4_1 min terms: min[n, g] * sum of x over group g).
+inline float dot_half_float(const uint16_t* h, const float* f, int64_t n) {
+  float t = 0.f;
+  int64_t g = 0;
+#ifdef MOPS_INT4_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; g + 8 <= n; g += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + g))),
+                          _mm256_loadu_ps(f + g), acc);
+  t = hsum256(acc);
+#endif
+  for (; g < n; ++g) t += half_to_float(h[g]) * f[g];
+  return t;
+}
+
 // ---- 4-bit ------------------------------------------------------------------------------------
 // Rows n in [n0, n1) of y [M, N] (fp32). qw: K/2 bytes per row; scale, mins: fp16 bits [N, K/G].
 // ROWS weight rows per step (2 for M = 1). Rows of x go in tiles of MT (1 or 4) whose dot products
@@ -115,8 +130,7 @@ void q4_rows(const float* xp, const float* xsum, const uint8_t* qw, const uint16
             d += (float)(row[K64 / 2 + i] & 0x0f) * xr[2 * i] + (float)(row[K64 / 2 + i] >> 4) * xr[2 * i + 1];
           t += d * half_to_float(scale[(n + r) * ng + K64 / G]);
         }
-        for (int64_t g = 0; g < ng; ++g) t += half_to_float(mins[(n + r) * ng + g]) * xsum[m * ng + g];
-        tail[r][m] = t;
+        tail[r][m] = t + dot_half_float(mins + (n + r) * ng, xsum + m * ng, ng);
       }
 #ifdef MOPS_INT4_AVX2
     const __m256i mask = _mm256_set1_epi32(0x0f);
