@@ -409,7 +409,7 @@ def _block_sizes(R, D, dtype):
     within the register file; decode rows (R = G heads) get a 16-row tile."""
     block_m = max(16, min(64, triton.next_power_of_2(R)))
     block_n = 64 if (D <= 64 or dtype != torch.float32) else 32
-    return block_m, block_n, 4
+    return block_m, block_n, 8 if (D == 128 and block_m == 64) else 4   # D=128 tiles: more warps
 
 
 def _decode_chunk(S, block_n):

@@ -145,12 +145,13 @@ def _sdpa(q, k, v, mask, scale):
     """SDPA with GQA (heads expanded), a boolean or float mask; rows with no valid key give 0."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    if Hq != Hkv:  # expand the kv heads (enable_gqa is not taken by every SDPA kernel)
+    gqa = Hq != Hkv and q.device.type == "cpu"
+    if Hq != Hkv and not gqa:  # CUDA: expand the kv heads (not every masked SDPA kernel takes GQA)
         g = Hq // Hkv
         k = k.repeat_interleave(g, dim=1)
         v = v.repeat_interleave(g, dim=1)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     # A row with no valid key: unmask it for SDPA (no NaN, in the output or the backward), then 0.
     if mask.dtype == torch.bool:
         valid = mask.any(-1, keepdim=True)
@@ -158,7 +159,7 @@ def _sdpa(q, k, v, mask, scale):
     else:
         valid = (mask > -math.inf).any(-1, keepdim=True)
         mask = torch.where(valid, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
