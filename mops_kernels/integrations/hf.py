@@ -1,13 +1,14 @@
 """Drop-in Hugging Face integration: `attach(model, prompts)` / `detach(model)` (SPEC §5).
 
 One table (FAMILIES) covers the Llama, Mistral and Qwen2 families: where the decoder layers live and
-which attention classes they use. Nothing per model is copied: our attention is registered in
-transformers' AttentionInterface under ATTN_NAME, and the per-request prefix information travels to
-every layer as the `mops_prefix` keyword that transformers forwards from the model's forward call
-down to the attention function.
+which attention classes they use. Nothing per model is copied: the attention is the package's "mops"
+entry of transformers' AttentionInterface (integrations/attention.py, 2-D padding mask), and the
+per-request prefix information travels to every layer as the `mops_prefix` keyword that transformers
+forwards from the model's forward call down to the attention function, which calls
+`mops_prefix.prefix(layer_idx, device)` -> (prefix_k, prefix_v, index, weight, lens).
 
 What attach does, on the model instance only (detach restores all of it):
-- `model.config._attn_implementation` -> ATTN_NAME (our prefix attention, SPEC §1);
+- `model.config._attn_implementation` -> "mops" (our prefix attention, SPEC §1);
 - `model.forward` / `model.generate` wrapped: they accept `expert_index` [B, k] and `expert_weight`
   [B, k] and carry a `_Request` (the experts of each row, the 2-D padding mask, IAPT prefixes);
 - MoPs: a forward hook on decoder layer `gate.gate_layer` runs the gate on the hidden state after that
@@ -26,7 +27,7 @@ from typing import Optional
 
 import torch
 
-ATTN_NAME = "mops_hf"
+from .attention import ATTN_NAME, register
 
 # family (config.model_type) -> (decoder layer list attribute path, attention module class names)
 FAMILIES = {
@@ -36,26 +37,11 @@ FAMILIES = {
 }
 
 
-def _prefix_attention():
-    """Our kernel when it is importable, else the fp32 reference (same signature)."""
-    try:
-        from mops_kernels.ops.prefix_attention import prefix_attention
-        return prefix_attention, True
-    except ImportError:
-        from mops_kernels.reference import prefix_attention
-        return prefix_attention, False
-
-
 def run_prefix_attention(q, k, v, pk, pv, idx, w, *, lens=None, mask=None, causal=True, scale=None):
-    """prefix_attention that also takes no prefix at all (pk None): [B, Hq, T, D] in q's dtype."""
-    fn, accepts_none = _prefix_attention()
-    if pk is None and not accepts_none:
-        B, Hkv, D = q.shape[0], k.shape[1], q.shape[-1]
-        pk = pv = q.new_zeros(1, 1, Hkv, D)        # one empty slot, never selected
-        idx = torch.full((B, 1), -1, dtype=torch.int32, device=q.device)
-        w = lens = None
-    out = fn(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=mask, causal=causal, scale=scale)
-    return out.to(q.dtype)
+    """prefix_attention (SPEC §1) with the pool/index/weight/lens of one layer (all None: no prefix)."""
+    from ..ops.prefix_attention import prefix_attention
+    return prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=mask, causal=causal,
+                            scale=scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,29 +200,6 @@ class _Request:
         return None, None, None, None, None
 
 
-def mops_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> ([B, T, Hq, D], None)."""
-    req = kwargs.get("mops_prefix")
-    B, S = key.shape[0], key.shape[2]
-    mask = None
-    if req is not None and req.mask is not None:
-        mask = req.mask
-        if mask.shape[1] != S:    # a static cache is longer than the mask: the tail is unused
-            pad = mask.new_zeros(B, S - mask.shape[1]) if mask.shape[1] < S else None
-            mask = torch.cat([mask, pad], 1) if pad is not None else mask[:, -S:]
-    pk = pv = idx = w = lens = None
-    if req is not None:
-        pk, pv, idx, w, lens = req.prefix(module.layer_idx, query.device)
-    out = run_prefix_attention(query, key, value, pk, pv, idx, w, lens=lens, mask=mask, causal=True,
-                               scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register():
-    from transformers import AttentionInterface
-    AttentionInterface.register(ATTN_NAME, mops_attention)
-
-
 # --------------------------------------------------------------------------------------------
 # attach / detach
 # --------------------------------------------------------------------------------------------
@@ -259,7 +222,7 @@ def attach(model, prompts=None, *, quantize=False):
     if quantize:
         from mops_kernels.modules.int4_linear import replace_linears
         replace_linears(_get_path(model, FAMILIES[model.config.model_type][0].rsplit(".", 1)[0]))
-    _register()
+    register()
     hooks = []
     if plan.gate is not None:
         def gate_hook(mod, args, kwargs, out):
