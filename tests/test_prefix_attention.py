@@ -178,8 +178,9 @@ GRAD_CASES = [
 
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[f"T{c[3]}S{c[4]}P{c[7]}k{c[8]}" for c in GRAD_CASES])
-def test_triton_backward_matches_reference(case, force_backend):
-    force_backend("triton")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_backward_matches_reference(backend, case, force_backend):
+    force_backend(backend)
     q, k, v, pk, pv, idx, w, lens, am = make(*case)
     if case[8] > 2:
         w[0, 0] = 0.0                       # an excluded slot: d w defined as 0 there
