@@ -1,0 +1,109 @@
+"""MoPs training on a tiny 4-bit backbone (load_backbone(config=...)): frozen backbone, gradients to
+the bank and the gate, gate pretraining, exact resume, interrupt checkpoint, baseline, evaluation."""
+import os
+
+import pytest
+import torch
+
+from mops_kernels.integrations.backbone import load_backbone
+from mops_kernels.training.trainer import CHECKPOINT, PromptTrainer, TrainConfig, build_prompts
+
+CFG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+KW = dict(num_experts=3, prompt_len=5, top_k=2, gate_layer=1, inject_from=2, gate_hidden=16)
+
+
+def _items(n=23, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        task = i % 3
+        n_in = 4 + int(torch.randint(0, 7, (1,), generator=g))
+        n_out = 2 + int(torch.randint(0, 5, (1,), generator=g))
+        # each task's instruction starts with its own token: something a gate can route on
+        ids = [10 + task] + torch.randint(20, 97, (n_in + n_out - 1,), generator=g).tolist()
+        items.append(dict(ids=ids, n_input=n_in, label=task))
+    return items
+
+
+def _setup(mode="mops", **cfg):
+    model, _ = load_backbone(config=dict(CFG))
+    prompts = build_prompts(model, mode, seed=0, **KW)
+    conf = TrainConfig(**{**dict(steps=4, gate_steps=1, batch_size=5, lr=1e-2, progress=False), **cfg})
+    return model, prompts, PromptTrainer(model, prompts, _items(), conf)
+
+
+def test_backbone_frozen_and_gradients_reach_bank_and_gate():
+    model, prompts, tr = _setup()
+    assert all(not p.requires_grad for p in model.parameters())
+    loss = tr._forward(tr.batch_at(0)).loss
+    loss.backward()
+    for name, p in prompts.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.parameters())
+    unfrozen = load_backbone(config=dict(CFG))[0]
+    next(unfrozen.parameters()).requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        PromptTrainer(unfrozen, build_prompts(unfrozen, "mops", **KW), _items(), TrainConfig())
+
+
+def test_gate_pretraining_lowers_routing_loss_and_touches_only_the_gate():
+    model, prompts, tr = _setup(steps=30, gate_steps=30, lr=3e-2)
+    bank0 = prompts.bank.keys.detach().clone()
+    first = tr.routing_loss(tr.batch_at(0)).item()
+    tr.train()
+    last = tr.routing_loss(tr.batch_at(0)).item()
+    assert last < 0.5 * first, (first, last)
+    assert torch.equal(prompts.bank.keys, bank0)
+
+
+def test_resume_is_exact(tmp_path):
+    _, pa, straight = _setup()
+    straight.train()
+    _, pb, first = _setup()
+    first.train(str(tmp_path), stop_at=2)
+    assert first.step == 2
+    _, pc, resumed = _setup()
+    resumed.train(str(tmp_path))              # picks up the checkpoint at step 2
+    assert resumed.step == 4
+    for (n, a), (_, c) in zip(pa.named_parameters(), pc.named_parameters()):
+        assert torch.equal(a, c), n
+    assert not torch.equal(pa.bank.keys, pb.bank.keys)  # pb stopped at 2: the test can tell
+
+
+def test_interrupt_writes_a_checkpoint(tmp_path):
+    _, prompts, tr = _setup(checkpoint_every=100)
+
+    def boom(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(str(tmp_path), on_step=boom)
+    _, p2, tr2 = _setup()
+    assert tr2.load_checkpoint(os.path.join(tmp_path, CHECKPOINT)) == 3
+    assert torch.equal(p2.bank.values, prompts.bank.values)
+
+
+def test_baseline_single_prompt_same_size_and_trains():
+    model, prompts, tr = _setup(mode="single", steps=6, lr=5e-2)
+    mops = build_prompts(model, "mops", **KW)
+    assert prompts.gate is None and prompts.bank.num_experts == 1
+    assert prompts.bank.keys.numel() == mops.bank.keys.numel()
+    items = _items(9, seed=7)
+    before = tr.evaluate(items)
+    tr.train()
+    after = tr.evaluate(items)
+    assert set(before["per_task"]) == {0, 1, 2}
+    assert after["overall"] != before["overall"]
+    assert sum(after["tokens"].values()) == sum(len(it["ids"]) - it["n_input"] for it in items)
+
+
+def test_evaluate_matches_the_models_loss():
+    _, _, tr = _setup()
+    items = _items(5, seed=3)
+    res = tr.evaluate(items, batch_size=5)
+    from mops_kernels.training.data import collate
+    with torch.no_grad():
+        loss = tr._forward(collate(items, 0)).loss
+    assert res["overall"] == pytest.approx(float(torch.exp(loss)), rel=1e-4)
