@@ -60,29 +60,44 @@ at::Tensor dequant_tile(const at::Tensor& qweight, const at::Tensor& scale, cons
   return w;
 }
 
+// Rows of x per pass of the GEMV kernels: the permuted x of one pass (rows * K fp32) should stay
+// in L1 (measured: 16 rows at K = 576, 36 KiB, ran 2.7x slower than 8 rows). A multiple of 4.
+int64_t rows_per_pass(int64_t K) {
+  const int64_t rows = (int64_t{24} * 1024 / (K * 4)) / 4 * 4;
+  return std::min<int64_t>(kMaxGemvM, std::max<int64_t>(4, rows));
+}
+
 void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s, const uint16_t* mn,
              float* y, int64_t M, int64_t N, int64_t K, int64_t G) {
+  const int64_t ng = K / G;
+  const int64_t pass = rows_per_pass(K);
   // grain: enough rows per task that a thread's slice amortises the dispatch.
   at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
     if (M == 1) {
       const int64_t mid = b + (e - b) / 2 * 2;  // pairs of rows, then the odd one out
       int4cpu::q4_rows<2, 1, 1>(xp, xsum, q, s, mn, y, M, N, K, G, b, mid);
       int4cpu::q4_rows<1, 1, 1>(xp, xsum, q, s, mn, y, M, N, K, G, mid, e);
-    } else {  // xp / xsum are zero-padded to a multiple of 4 rows
-      int4cpu::q4_rows<1, 4, kMaxGemvM>(xp, xsum, q, s, mn, y, M, N, K, G, b, e);
+      return;
     }
+    for (int64_t m0 = 0; m0 < M; m0 += pass)  // xp / xsum are zero-padded to a multiple of 4 rows
+      int4cpu::q4_rows<1, 4, kMaxGemvM>(xp + m0 * K, xsum + m0 * ng, q, s, mn, y + m0 * N,
+                                        std::min(pass, M - m0), N, K, G, b, e);
   });
 }
 
 void gemv_q8(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M, int64_t N,
              int64_t K, int64_t G) {
+  const int64_t pass = rows_per_pass(K);
   at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
-    if (M == 1)
-      int4cpu::q8_rows<1>(xp, q, s, y, M, N, K, G, b, e);
-    else if (M <= 4)
-      int4cpu::q8_rows<4>(xp, q, s, y, M, N, K, G, b, e);
-    else
-      int4cpu::q8_rows<16>(xp, q, s, y, M, N, K, G, b, e);
+    for (int64_t m0 = 0; m0 < M; m0 += pass) {
+      const int64_t mm = std::min(pass, M - m0);
+      if (mm == 1)
+        int4cpu::q8_rows<1>(xp + m0 * K, q, s, y + m0 * N, mm, N, K, G, b, e);
+      else if (mm <= 4)
+        int4cpu::q8_rows<4>(xp + m0 * K, q, s, y + m0 * N, mm, N, K, G, b, e);
+      else
+        int4cpu::q8_rows<16>(xp + m0 * K, q, s, y + m0 * N, mm, N, K, G, b, e);
+    }
   });
 }
 
