@@ -220,6 +220,9 @@ def test_errors_leave_model_untouched():
     ids, mask = left_padded()
     with pytest.raises(ValueError, match="out of range"):
         model.generate(input_ids=ids, attention_mask=mask, expert_index=torch.tensor([[5], [0], [1]]), **GEN)
+    with pytest.raises(ValueError, match="static KV cache"):
+        model.generate(input_ids=ids, attention_mask=mask, expert_index=torch.tensor([[1], [0], [1]]),
+                       cache_implementation="static", **GEN)
     with pytest.raises(ValueError, match="already"):
         attach(model, None)
     detach(model)

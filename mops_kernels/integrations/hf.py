@@ -270,6 +270,11 @@ def attach(model, prompts=None, *, quantize=False):
         if mask is None or mask.dim() != 2:
             mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
         req.begin(B, mask)
+        if any("Static" in type(layer).__name__ for layer in getattr(past, "layers", ())):
+            # prefix_attention aligns queries to the END of the keys (bottom-right causal); a static
+            # cache puts them at cache_position inside a longer buffer, which a 2-D mask cannot say.
+            raise ValueError("mops attach works with dynamic caches; for a static KV cache use "
+                             "mops_kernels.integrations.engine.Engine")
         if plan.position_offset:
             pos = kwargs.get("position_ids")
             if pos is None:
