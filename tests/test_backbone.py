@@ -20,6 +20,7 @@ from mops_kernels.integrations.gguf_import import GGUFImportError  # noqa: E402
 from mops_kernels.modules.int4_linear import Int4Linear  # noqa: E402
 from mops_kernels.modules.quant_embedding import QuantEmbedding  # noqa: E402
 from mops_kernels.ops.quant_format import int4_quantize, int8_quantize  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
 from test_gguf_import import TINY, write_tiny_gguf  # noqa: E402
 from utils import rel_err  # noqa: E402
 
@@ -113,6 +114,21 @@ def test_bfloat16_activations(tiny_gguf):
         want = ref(input_ids=ids, attention_mask=mask).logits
     assert out.dtype == torch.bfloat16
     assert rel_err(out[mask.bool()], want[mask.bool()]) <= 3e-2
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_cuda_matches_cpu(tiny_gguf, dtype, tol):
+    """The same file loaded straight onto the GPU, fp32 and bf16 activations, vs the CPU model."""
+    gpu, _ = load_backbone(str(tiny_gguf), device="cuda", dtype=dtype)
+    cpu, _ = load_backbone(str(tiny_gguf))
+    assert gpu.lm_head.qweight.is_cuda and gpu.model.embed_tokens.qw.qweight.is_cuda
+    ids, mask = _left_padded_batch(TINY["vocab"], [12, 5])
+    with torch.no_grad():
+        out = gpu(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.float().cpu()
+        want = cpu(input_ids=ids, attention_mask=mask).logits
+    assert rel_err(out[mask.bool()], want[mask.bool()]) <= tol
 
 
 def test_prefix_hook_reaches_attention(tiny_gguf):
