@@ -152,12 +152,13 @@ def task_names(cache: str) -> List[str]:
         return json.load(f)["tasks"]
 
 
-def encode(tok, row: dict, max_len: int) -> dict:
-    """Token ids of "input" then " target" + EOS; the target is cut first when too long (the
-    instruction keeps at least half of max_len)."""
+def encode(tok, row: dict, max_len: int, add_eos: bool = False) -> dict:
+    """Token ids of "input" then " target" (+ EOS if add_eos: off by default, since an instruct
+    model's EOS, e.g. SmolLM2's <|im_end|>, is near-impossible after raw text and would dominate the
+    target loss); the target is cut first when too long (the instruction keeps >= half of max_len)."""
     inp = tok(row["input"], add_special_tokens=False)["input_ids"]
     tgt = tok(" " + row["target"].strip(), add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
+    if add_eos and tok.eos_token_id is not None:
         tgt = tgt + [tok.eos_token_id]
     keep_in = min(len(inp), max(max_len // 2, max_len - len(tgt)))
     inp = inp[-keep_in:] if keep_in else []
