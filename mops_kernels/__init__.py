@@ -31,6 +31,7 @@ _LAZY = {
     "load_backbone": "mops_kernels.integrations.backbone",
     "attach": "mops_kernels.integrations.hf",
     "detach": "mops_kernels.integrations.hf",
+    "Engine": "mops_kernels.integrations.engine",
     # backends
     "backend_info": "mops_kernels._backend",
 }
