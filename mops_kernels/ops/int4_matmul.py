@@ -301,7 +301,10 @@ def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tenso
     if x2.stride(-1) != 1:  # every kernel reads rows of x as unit-stride vectors
         x2 = x2.contiguous()
     backend = _backend.pick("int4_matmul", x.device, _supported(x2, qw))
-    y = Int4MatmulFunction.apply(x2, qw, backend)
+    if torch.is_grad_enabled() and x2.requires_grad:
+        y = Int4MatmulFunction.apply(x2, qw, backend)
+    else:  # inference (decode): skip the autograd.Function's ~10 us per call
+        y = _FORWARD[backend](x2, qw)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, qw.out_features)
