@@ -86,6 +86,8 @@ def test_encode_collate_masks_the_instruction():
     items = [data.encode(tok, {"input": "abcd", "target": "xy", "label": 2}, 64, add_eos=True),
              data.encode(tok, {"input": "q", "target": "long target", "label": 0}, 8)]
     assert len(data.encode(tok, {"input": "abcd", "target": "xy"}, 64)["ids"]) == 4 + 3
+    assert data.encode(tok, {"input": "abcd  ", "target": " xy"}, 64)["ids"] == \
+        data.encode(tok, {"input": "abcd", "target": "xy"}, 64)["ids"]
     assert items[0]["n_input"] == 4 and len(items[0]["ids"]) == 4 + 3 + 1
     assert len(items[1]["ids"]) == 8 and items[1]["n_input"] == 1
     b = data.collate(items, pad_id=0)

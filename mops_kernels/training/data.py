@@ -156,7 +156,9 @@ def encode(tok, row: dict, max_len: int, add_eos: bool = False) -> dict:
     """Token ids of "input" then " target" (+ EOS if add_eos: off by default, since an instruct
     model's EOS, e.g. SmolLM2's <|im_end|>, is near-impossible after raw text and would dominate the
     target loss); the target is cut first when too long (the instruction keeps >= half of max_len)."""
-    inp = tok(row["input"], add_special_tokens=False)["input_ids"]
+    # rstrip: some tasks end the instruction with a space ("... the English word "), which with the
+    # " target" join would give a double space, a token sequence the model never saw before a word.
+    inp = tok(row["input"].rstrip(), add_special_tokens=False)["input_ids"]
     tgt = tok(" " + row["target"].strip(), add_special_tokens=False)["input_ids"]
     if add_eos and tok.eos_token_id is not None:
         tgt = tgt + [tok.eos_token_id]
