@@ -7,6 +7,9 @@ force it with the `backend` fixture (MOPS_BACKEND), so the dispatcher raises ins
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# OpenMP workers that spin while waiting collapse when the cores are shared (CI runs other
+# processes beside pytest): sleeping waiters cost little for the kernels' few-ms regions.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
