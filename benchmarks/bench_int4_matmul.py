@@ -9,6 +9,11 @@ Q8_0 tied embedding / output head). GPU: 4096x4096 and 4096x11008 (Llama-7B-like
 (the group size torch's int4 kernel is usually run with) plus the SmolLM2 head in 8-bit.
 GB/s counts the bytes of the quantized weight + x + y for every provider, so the column compares
 providers on the same work (a dense matmul really reads more).
+Weights hot and cold: with `copies=1` every call reads the same weight, which a CPU's last-level
+cache may hold (SmolLM2's 1536x576 is 3.5 MB in fp32); in a decode step each matrix is read once
+per token, after the other layers' matrices went through the cache. So each shape also runs with
+`copies=C`: C distinct copies of the weight (both formats), used in turn, enough that the dense
+copies exceed 3x the last-level cache (METHOD: rotate inputs that fit in the cache).
 Providers: reference (mops_kernels.reference: dequantize then matmul), float matmul (fp32 on the
 CPU, bf16 cuBLAS on a GPU, with the dense weight already materialised), torch int4pack
 (torch._weight_int4pack_mm, CUDA, 4-bit only), ours/<backend> for every backend that runs here.
@@ -16,6 +21,8 @@ CPU, bf16 cuBLAS on a GPU, with the dense weight already materialised), torch in
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import sys
 
@@ -26,40 +33,75 @@ from harness import Bench  # noqa: E402
 
 from mops_kernels import _backend, reference  # noqa: E402
 from mops_kernels.ops.int4_matmul import int4_matmul  # noqa: E402
-from mops_kernels.ops.quant_format import quantize  # noqa: E402
+from mops_kernels.ops.quant_format import QuantizedWeight, quantize  # noqa: E402
 
 CPU_SHAPES = [(1536, 576, 4, 32), (576, 1536, 4, 32), (49152, 576, 8, 32)]    # N, K, bits, G
 GPU_SHAPES = [(4096, 4096, 4, 128), (4096, 11008, 4, 128), (49152, 576, 8, 32)]
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def torch_int4pack(qw, x):
-    """A closure running torch._weight_int4pack_mm on the same codes, or a string saying why not.
+def torch_int4pack(qws, x):
+    """A closure running torch._weight_int4pack_mm on the same codes (cycling over the copies
+    in `qws`), or a string saying why not.
 
     torch's format: w = (q - 8) * scale + zero per group, so zero = min + 8 * scale (Q4_1 -> torch).
     """
+    qw = qws[0]
     if qw.bits != 4 or x.device.type != "cuda":
         return "4-bit weights on CUDA only"
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return "needs compute capability >= 8.0"
     try:
-        q = qw.unpack().to(torch.int32)                                   # [N, K]
-        N, K = qw.shape
-        scale = qw.scale.float()
-        zero = qw.min.float() + 8 * scale
-        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/G, N, 2]
-        try:   # torch >= 2.5: uint8 [N, K/2], even column in the high nibble
-            packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-        except Exception:  # older torch: int32 codes [N, K]
-            packed = torch._convert_weight_to_int4pack(q, 8)
+        def pack(q_w):
+            q = q_w.unpack().to(torch.int32)                                  # [N, K]
+            scale = q_w.scale.float()
+            zero = q_w.min.float() + 8 * scale
+            sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K/G, N, 2]
+            try:   # torch >= 2.5: uint8 [N, K/2], even column in the high nibble
+                packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+            except Exception:  # older torch: int32 codes [N, K]
+                packed = torch._convert_weight_to_int4pack(q, 8)
+            return packed, sz
+        packs = [pack(q) for q in qws]
+        turn = itertools.cycle(range(len(packs)))
         xb = x.to(torch.bfloat16)
-        fn = lambda: torch._weight_int4pack_mm(xb, packed, qw.group_size, sz)  # noqa: E731
-        err = (fn().float() - reference.int4_matmul(xb, qw)).norm() / reference.int4_matmul(xb, qw).norm()
+        first = torch._weight_int4pack_mm(xb, packs[0][0], qw.group_size, packs[0][1])
+        want = reference.int4_matmul(xb, qw)
+        err = (first.float() - want).norm() / want.norm()
         if err > 2e-2:
             return f"its result does not match the reference (rel. err {err:.2e}): packing differs"
+
+        def fn():
+            p, sz = packs[next(turn)]
+            return torch._weight_int4pack_mm(xb, p, qw.group_size, sz)
         return fn
     except Exception as e:  # op missing in this build, unsupported device, ...
         return f"unavailable: {e!r}"
+
+
+def llc_bytes() -> int:
+    """The last-level cache of this CPU (sysfs), or 32 MiB if it cannot be read."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for idx in os.listdir(base):
+            with open(os.path.join(base, idx, "size")) as f:
+                txt = f.read().strip()
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1], 1)
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+    except OSError:
+        pass
+    return best or 32 * 2**20
+
+
+def copies_of(qw: QuantizedWeight, n: int):
+    """n QuantizedWeights with the same codes in distinct memory (the first is qw itself)."""
+    out = [qw]
+    for _ in range(n - 1):
+        out.append(QuantizedWeight(qw.qweight.clone(), qw.scale.clone(),
+                                   None if qw.min is None else qw.min.clone(), qw.shape,
+                                   qw.group_size, qw.bits))
+    return out
 
 
 def main():
@@ -87,20 +129,24 @@ def main():
         print("ours/triton is not timed on the CPU (the interpreter proves it correct, not fast)")
     bench = Bench("int4_matmul", args.device)
     torch.manual_seed(0)
+    llc = torch.cuda.get_device_properties(dev).L2_cache_size if cuda else llc_bytes()
     for N, K, bits, G in shapes:
         qw = quantize(torch.randn(N, K, device=dev) * 0.02, bits=bits, group_size=G)
-        w_dense = qw.dequantize(dtype)
-        for M in ms:
+        cold = max(2, min(32, math.ceil(3 * llc / (N * K * torch.tensor([], dtype=dtype).element_size()))))
+        for n_copies, M in itertools.product((1, cold), ms):
+            qws = copies_of(qw, n_copies)
+            denses = [q.dequantize(dtype) for q in qws]
+            turn = itertools.cycle(range(n_copies))
             x = torch.randn(M, K, device=dev, dtype=dtype)
-            shp = dict(M=M, N=N, K=K, bits=bits, G=G)
+            shp = dict(M=M, N=N, K=K, bits=bits, G=G, copies=n_copies)
             nbytes = qw.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
             flops = 2 * M * N * K
             common = dict(shapes=shp, dtype=dname, bytes=nbytes, flops=flops, reps=reps)
             # the reference dequantizes the whole weight every call: fewer repetitions of it
             bench.run("reference", lambda: reference.int4_matmul(x, qw), **{**common, "reps": 5})
-            bench.run("float matmul", lambda: torch.matmul(x, w_dense.t()), **common)
+            bench.run("float matmul", lambda: torch.matmul(x, denses[next(turn)].t()), **common)
             if cuda:
-                fn = torch_int4pack(qw, x)
+                fn = torch_int4pack(qws, x)
                 if callable(fn):
                     bench.run("torch int4pack", fn, **common)
                 else:
@@ -110,7 +156,7 @@ def main():
                     continue
                 os.environ["MOPS_BACKEND"] = b
                 try:
-                    bench.run(f"ours/{b}", lambda: int4_matmul(x, qw), **common)
+                    bench.run(f"ours/{b}", lambda: int4_matmul(x, qws[next(turn)]), **common)
                 finally:
                     del os.environ["MOPS_BACKEND"]
     bench.summary(baseline="float matmul")
