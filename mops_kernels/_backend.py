@@ -124,9 +124,25 @@ def _announce(op: str, backend: str, note: str = "") -> None:
         log.info("mops_kernels: %s runs on the %s backend%s", op, backend, note)
 
 
+_picked = {}
+
+
 def pick(op: str, device: torch.device, supported: Iterable[str]) -> str:
-    """The backend that runs `op` on `device`, given the backends that support this case."""
+    """The backend that runs `op` on `device`, given the backends that support this case.
+
+    Memoised on everything the answer depends on (the environment variables included), since
+    hot paths call it for every op of every decode step."""
     supported = tuple(supported)
+    env = os.environ
+    key = (op, device.type, supported, env.get("MOPS_BACKEND", ""), env.get("TRITON_INTERPRET", "0"))
+    hit = _picked.get(key)
+    if hit is not None:
+        return hit
+    _picked[key] = b = _pick(op, device, supported)
+    return b
+
+
+def _pick(op: str, device: torch.device, supported: tuple) -> str:
     f = forced()
     if f is not None:
         reason = why_not(f, device, supported)

@@ -329,6 +329,7 @@ def test_unsupported_head_dim_falls_back_once(monkeypatch, caplog):
     """D = 24 is not a power of two: triton is not offered, the pick says so once and falls back."""
     monkeypatch.delenv("MOPS_BACKEND", raising=False)
     monkeypatch.setattr(_backend, "_announced", set())
+    monkeypatch.setattr(_backend, "_picked", {})          # forget earlier tests' memoised picks
     q, k, v, pk, pv, idx, w, lens, am = make(1, 1, 3, 5, 9, 24, 3, 7, 2)
     assert "triton" not in PA._supported(q, True, False)
     with caplog.at_level(logging.INFO, logger="mops_kernels"):

@@ -33,8 +33,15 @@ class Int4Linear(nn.Module):
 
     @property
     def qw(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scale, self.min, (self.out_features, self.in_features),
-                               self.group_size, self.bits)
+        # Built (and validated) once per set of buffers, not per call: a decode step runs ~200
+        # Int4Linears, and rebuilding cost ~20 us each. `.to()` / `load_state_dict` replacing a
+        # buffer changes its identity, which rebuilds it.
+        qw = self.__dict__.get("_qw")
+        if qw is None or qw.qweight is not self.qweight or qw.scale is not self.scale or qw.min is not self.min:
+            qw = QuantizedWeight(self.qweight, self.scale, self.min, (self.out_features, self.in_features),
+                                 self.group_size, self.bits)
+            self.__dict__["_qw"] = qw
+        return qw
 
     @property
     def weight(self) -> torch.Tensor:
