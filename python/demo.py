@@ -3,6 +3,12 @@
     python3 python/demo.py                       # batch 8, 32 new tokens, ours vs transformers fp32
     python3 python/demo.py --batch 1 --max-new-tokens 64
     python3 python/demo.py --no-baseline
+    python3 python/demo.py --bank DIR            # a trained MixtureOfPrompts saved with .save(DIR)
+
+After the plain backbone, the demo attaches a Mixture of Prompts (8 experts of 16 tokens, top-2,
+gate after layer 10, experts injected from layer 11): the gate picks experts per request in the
+same forward pass, and the demo prints which ones and with what weight. Without --bank the bank
+and gate are untrained (random): the routing is real, the experts teach the model nothing yet.
 
 Tokens/s is measured on `generate()` (greedy): one warm-up call on the same prompts first, then
 the timed call; tokens counted are the new tokens actually produced per request (up to and
@@ -86,12 +92,43 @@ def timed_generate(model, batch, max_new_tokens, pad_id, eos_id):
     return out, Speed(n, dt, sorted(prefill)[1], batch["input_ids"].shape[0])
 
 
+def run_mops(model, tok, prompts, batch, args):
+    """Attach a MixtureOfPrompts, let the gate route each request, print its experts and answer."""
+    if args.bank:
+        mops = mops_kernels.MixtureOfPrompts.load(args.bank)
+        label = f"trained bank from {args.bank}"
+    else:
+        torch.manual_seed(0)
+        mops = mops_kernels.MixtureOfPrompts.for_model(model, num_experts=8, prompt_len=16, top_k=2,
+                                                       gate_layer=10, inject_from=11)
+        label = "UNTRAINED bank and gate (random): real routing, no learned skill"
+    chosen = []
+    hook = mops.gate.register_forward_hook(lambda mod, inp, out: chosen.append(out))
+    mops_kernels.attach(model, mops)
+    try:
+        out, speed = timed_generate(model, batch, args.max_new_tokens, tok.pad_token_id, tok.eos_token_id)
+    finally:
+        mops_kernels.detach(model)
+        hook.remove()
+    idx, w = chosen[-1]        # the timed generate's prefill (the gate runs once per generate)
+    answers = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(f"\n== Mixture of Prompts: {mops.num_experts} experts x {mops.prompt_len} tokens, "
+          f"top-{mops.top_k}, gate after layer {mops.gate_layer}, injected from layer {mops.inject_from}; "
+          f"{label}")
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        experts = ", ".join(f"expert {int(e)} (w={float(x):.2f})" for e, x in zip(idx[i], w[i]))
+        print(f"\n> {p}\n  gate chose: {experts}\n{a.strip()}")
+    print(speed.line("\nmops_kernels 4-bit + MoPs"))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8, help=f"prompts per batch (1..{len(PROMPTS)})")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers' float32 generate()")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--bank", default=None, help="directory of a saved MixtureOfPrompts (default: untrained)")
+    ap.add_argument("--no-mops", action="store_true", help="skip the Mixture-of-Prompts part")
     args = ap.parse_args(argv)
     if not 1 <= args.batch <= len(PROMPTS):
         ap.error(f"--batch must be in 1..{len(PROMPTS)}")
@@ -112,6 +149,8 @@ def main(argv=None):
         print(f"\n> {p}\n{a.strip()}")
     print(f"\nbatch {args.batch}, up to {args.max_new_tokens} new tokens per request")
     print(ours.line("mops_kernels 4-bit"))
+    if not args.no_mops:
+        run_mops(model, tok, prompts, batch, args)
     if args.no_baseline:
         return
     from transformers import AutoModelForCausalLM

@@ -8,13 +8,20 @@ if ! command -v "$NVCC" >/dev/null; then echo "check_cuda_compile: nvcc not foun
 inc=$(python3 -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
 pyinc=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 out=$(mktemp -d)
-n=0
+abi=$(python3 -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+compile_one() {
+  "$NVCC" -c "$1" -o "$out/$(basename "$1").o" -std=c++17 -O3 -DWITH_CUDA -DTORCH_EXTENSION_NAME=_C \
+    -gencode=arch=compute_90,code=sm_90 --expt-relaxed-constexpr -Icsrc $inc -I"$pyinc" \
+    -D_GLIBCXX_USE_CXX11_ABI="$abi" && echo "ok   $1" || { echo "FAIL $1" >&2; return 1; }
+}
+# Two at a time (the machines have 2 cores); every failure is reported, any failure fails.
+pids=(); files=(); fail=0
 for f in csrc/*.cu; do
   [ -e "$f" ] || continue
   echo "nvcc -c $f"
-  "$NVCC" -c "$f" -o "$out/$(basename "$f").o" -std=c++17 -O3 -DWITH_CUDA -DTORCH_EXTENSION_NAME=_C \
-    -gencode=arch=compute_90,code=sm_90 --expt-relaxed-constexpr -Icsrc $inc -I"$pyinc" \
-    -D_GLIBCXX_USE_CXX11_ABI=$(python3 -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
-  n=$((n+1))
+  compile_one "$f" & pids+=($!); files+=("$f")
+  if [ "${#pids[@]}" -ge 2 ]; then wait "${pids[0]}" || fail=1; pids=("${pids[@]:1}"); fi
 done
-echo "check_cuda_compile: $n CUDA file(s) compiled"
+for p in "${pids[@]}"; do wait "$p" || fail=1; done
+[ "$fail" -eq 0 ] || { echo "check_cuda_compile: a CUDA file failed to compile" >&2; exit 1; }
+echo "check_cuda_compile: ${#files[@]} CUDA file(s) compiled"
