@@ -6,7 +6,11 @@ force it with the `backend` fixture (MOPS_BACKEND), so the dispatcher raises ins
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# MOPS_TEST_DEVICE=cuda (on a GPU machine, with TRITON_INTERPRET=0): every tensor a test makes without
+# naming a device lands on the GPU (torch.set_default_device), so the kernel tests written for the CPU
+# interpreter run the compiled Triton kernels and the CUDA extension instead.
+TEST_DEVICE = os.environ.get("MOPS_TEST_DEVICE", "")
+os.environ.setdefault("TRITON_INTERPRET", "0" if TEST_DEVICE.startswith("cuda") else "1")
 # OpenMP workers that spin while waiting collapse when the cores are shared (CI runs other
 # processes beside pytest): sleeping waiters cost little for the kernels' few-ms regions.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -15,6 +19,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mops_kernels import _backend  # noqa: E402
+
+if TEST_DEVICE:
+    torch.set_default_device(TEST_DEVICE)
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
