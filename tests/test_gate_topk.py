@@ -187,3 +187,70 @@ def test_empty_batch_and_no_tokens(force_backend):
     idx, w = gate_topk(torch.randn(2, 0, 8), torch.ones(2, 0), w1, b1, w2, b2, 2)   # T = 0: z = 0
     ridx, rw = reference.gate_topk(torch.zeros(2, 1, 8), torch.ones(2, 1), w1, b1, w2, b2, 2)
     assert torch.equal(idx, ridx) and rel_err(w, rw) <= 1e-4
+
+
+def _check_grads(w, rw, params, names, tol=1e-4):
+    g = torch.randn(w.shape)
+    for name, got, want in zip(names, _grads(w, params, g), _grads(rw, params, g)):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        assert not torch.isnan(got).any(), name
+        if w.shape[1] == 1:                     # k = 1: the weight is 1 whatever s, no gradient
+            assert got.abs().max() == 0 and want.abs().max() < 1e-6, name
+        else:
+            assert rel_err(got, want) <= tol, (name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("B,T,d,h,E,k,act,p_keep", [
+    (17, 37, 576, 97, 64, 1, "gelu", 0.6),       # d = 576, h > BLOCK_H, two request blocks, k = 1
+    (17, 5, 576, 40, 64, 33, "gelu_tanh", 0.6),  # E = 64, k = 33
+    (5, 11, 37, 19, 64, 64, "silu", 0.6),        # k = E = 64: dense mixing
+    (9, 37, 37, 19, 9, 4, "relu", 0.05),         # few tokens per request (some rows none)
+    (3, 7, 33, 21, 3, 2, "tanh", 1.0),
+])
+def test_triton_backward_matches_reference_autograd(force_backend, B, T, d, h, E, k, act, p_keep):
+    """The Triton backward (d hidden, d w1, d b1, d w2, d b2) against the reference's autograd."""
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(B, T, d, h, E, p_keep=p_keep)
+    if p_keep < 0.5:
+        mask[0].zero_()
+        mask[0, T - 1] = 1                      # one token at the end
+        mask[1].zero_()                         # no token: z = 0, d hidden = 0
+    params = [t.requires_grad_() for t in (hidden, w1, b1, w2, b2)]
+    idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, k, activation=act)
+    ridx, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, k, activation=act)
+    assert torch.equal(idx, ridx)
+    _check_grads(w, rw, params, ("hidden", "w1", "b1", "w2", "b2"))
+    if p_keep < 0.5:
+        _, w = gate_topk(hidden, mask, w1, b1, w2, b2, k, activation=act)
+        (dh,) = torch.autograd.grad((w * torch.randn(B, k)).sum(), [hidden])
+        assert dh[1].abs().max() == 0 and dh[0, : T - 1].abs().max() == 0
+
+
+def test_triton_backward_with_tied_slots(force_backend):
+    """Slots 1 and 4 tie exactly behind slot 2 (lower index first): k = 2 keeps 1 and drops its
+    twin, k = 3 keeps both; gradients as the reference's autograd."""
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(4, 9, 37, 19, 8)
+    w2 *= 0.1                                    # scores ~ b2: the order below holds per request
+    w2[4] = w2[1]
+    b2[4] = b2[1]
+    b2[1] += 2.0
+    b2[4] += 2.0
+    b2[2] += 3.0
+    params = [t.requires_grad_() for t in (hidden, w1, b1, w2, b2)]
+    for k in (2, 3):
+        idx, w = gate_topk(hidden, mask, w1, b1, w2, b2, k)
+        ridx, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, k)
+        assert torch.equal(idx, ridx) and idx[:, :k].tolist() == [[2, 1, 4][:k]] * 4
+        _check_grads(w, rw, params, ("hidden", "w1", "b1", "w2", "b2"))
+
+
+@pytest.mark.parametrize("wanted", [("hidden",), ("w2", "b2"), ("w1",), ("b1", "hidden")])
+def test_triton_backward_only_the_wanted_grads(force_backend, wanted):
+    force_backend("triton")
+    hidden, mask, w1, b1, w2, b2 = _inputs(3, 37, 37, 19, 6)
+    named = dict(hidden=hidden, w1=w1, b1=b1, w2=w2, b2=b2)
+    params = [named[n].requires_grad_() for n in wanted]
+    _, w = gate_topk(hidden, mask, w1, b1, w2, b2, 3)
+    _, rw = reference.gate_topk(hidden, mask, w1, b1, w2, b2, 3)
+    _check_grads(w, rw, params, wanted)

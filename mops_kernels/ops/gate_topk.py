@@ -14,11 +14,21 @@ needs); pass 2 runs the MLP in tiles over h, each h tile reduced over d tiles of
 folded at once into the [BLOCK_B, E] scores, so neither [B, h] nor w1 is ever whole in registers;
 then softmax, an iterative arg-max top-k and the renormalisation, all in registers.
 
-Backward: the kept weights equal softmax(s) restricted to the kept slots (p_i / sum_kept p_j =
-exp(s_i) / sum_kept exp(s_j)), so only the kept scores carry gradient. The backward recomputes the
-small MLP from the saved z in PyTorch (three [B, *] GEMMs and their transposes, which cuBLAS runs
-well; a Triton version would save only those launches) and broadcasts dz over the masked tokens
-for d hidden. Not measured against a Triton backward: this is the simple choice, not a proven one.
+Backward (Triton). The kept weights equal softmax(s) restricted to the kept slots (p_i / sum_kept
+p_j = exp(s_i) / sum_kept exp(s_j)), so only the kept scores carry gradient:
+    ds_i = wt_i (dwt_i - sum_j wt_j dwt_j) on kept slot i, 0 elsewhere              [B, E]
+    a = act(pre), pre = w1 @ z + b1 (recomputed from the saved z)                  [B, h]
+    dpre = (ds @ w2) * act'(pre)                                                   [B, h]
+    dz = dpre @ w1;  d hidden[b, t] = dz[b] * mask[b, t] / max(1, sum_t mask[b])   [B, T, d]
+    dw2 = ds^T a, db2 = sum_b ds, dw1 = dpre^T z, db1 = sum_b dpre
+`_gate_topk_bwd_kernel` (one program per BLOCK_B requests, as the forward) scatters ds, recomputes
+pre tile by tile over h, writes the per-request pieces ds, a, dpre (fp32 [B, E], [B, h], [B, h]),
+then per d tile reduces dz over h and broadcasts it over the masked tokens straight into d hidden
+(dz is never stored). `_gate_topk_bwd_param_kernel` then reduces the per-request pieces over B:
+dW = X^T Y, db = colsum(X), one program per [BLOCK_M, BLOCK_N] tile of dW looping over B. Why not
+per-block partials of dW or atomics: partials would write (B / BLOCK_B) copies of w1's shape and
+atomics make dW depend on the order of programs; the reduction reads only the [B, h] + [B, d]
+pieces, once per output tile, and is deterministic.
 """
 from __future__ import annotations
 
@@ -54,6 +64,72 @@ def _activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _activation_grad(x, ACT: tl.constexpr):
+    """(act(x), act'(x)) for the backward."""
+    if ACT == 0:    # gelu (erf): Phi(x) + x phi(x)
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        y = x * cdf
+        dy = cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif ACT == 1:  # gelu, tanh approximation
+        th = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        y = 0.5 * x * (1.0 + th)
+        dy = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * 0.7978845608028654 \
+            * (1.0 + 3.0 * 0.044715 * x * x)
+    elif ACT == 2:  # relu (gradient 0 at 0, as torch)
+        y = tl.maximum(x, 0.0)
+        dy = tl.where(x > 0, 1.0, 0.0)
+    elif ACT == 3:  # silu
+        sg = 1.0 / (1.0 + tl.exp(-x))
+        y = x * sg
+        dy = sg * (1.0 + x * (1.0 - sg))
+    else:           # tanh
+        y = _tanh(x)
+        dy = 1.0 - y * y
+    return y, dy
+
+
+@triton.jit
+def _inv_count(m_ptr, rows, row_ok, T, s_mb, s_mt, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):
+    """1 / max(1, sum_t mask) per request [BLOCK_B]."""
+    toks = tl.arange(0, BLOCK_T)
+    cnt = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + toks
+        mk = tl.load(m_ptr + rows[:, None] * s_mb + t[None, :] * s_mt,
+                     mask=row_ok[:, None] & (t[None, :] < T), other=0.0).to(tl.float32)
+        cnt += tl.sum(mk, axis=1)
+    return 1.0 / tl.maximum(cnt, 1.0)
+
+
+@triton.jit
+def _rows_matmul(x_ptr, s_xr, w_ptr, s_wk, s_wn, rows, row_ok, cols, col_ok, KDIM,
+                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x[rows, :] @ w[:, cols] [BLOCK_B, BLOCK_N] in fp32, reduced over KDIM in BLOCK_K tiles
+    (x: an fp32 scratch with unit column stride; w[k, n] at w_ptr + k * s_wk + n * s_wn)."""
+    kcol = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, KDIM, BLOCK_K):
+        kk = k0 + kcol
+        k_ok = kk < KDIM
+        xt = tl.load(x_ptr + rows[:, None] * s_xr + kk[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + kk[:, None] * s_wk + cols[None, :] * s_wn,
+                     mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        # ieee: tf32 would move scores enough to flip near-tied experts against the reference.
+        acc += tl.dot(xt, wt, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _pre_tile(z_ptr, w1_ptr, b1_ptr, rows, row_ok, hh, h_ok, D, s_w1h, s_w1d,
+              BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """pre = z @ w1[hh]^T + b1[hh] [BLOCK_B, BLOCK_H] from the fp32 z [B, D]."""
+    pre = _rows_matmul(z_ptr, D, w1_ptr, s_w1d, s_w1h, rows, row_ok, hh, h_ok, D,
+                       BLOCK_B, BLOCK_D, BLOCK_H)
+    return pre + tl.load(b1_ptr + hh, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _gate_topk_fwd_kernel(
     h_ptr, m_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,     # inputs
     z_ptr, idx_ptr, wt_ptr,                           # outputs: z [B, d] fp32, idx [B, K], wt [B, K]
@@ -69,14 +145,7 @@ def _gate_topk_fwd_kernel(
     toks = tl.arange(0, BLOCK_T)
     dcol = tl.arange(0, BLOCK_D)
 
-    # ---- tokens per request: max(1, sum_t mask)
-    cnt = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + toks
-        mk = tl.load(m_ptr + rows[:, None] * s_mb + t[None, :] * s_mt,
-                     mask=row_ok[:, None] & (t[None, :] < T), other=0.0).to(tl.float32)
-        cnt += tl.sum(mk, axis=1)
-    inv = 1.0 / tl.maximum(cnt, 1.0)
+    inv = _inv_count(m_ptr, rows, row_ok, T, s_mb, s_mt, BLOCK_B, BLOCK_T)
 
     # ---- pass 1: z = masked mean of hidden, tile by tile over d, to the fp32 scratch
     for d0 in range(0, D, BLOCK_D):
@@ -105,17 +174,8 @@ def _gate_topk_fwd_kernel(
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         h_ok = hh < H
-        pre = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + dcol
-            d_ok = dd < D
-            zt = tl.load(z_ptr + rows[:, None] * D + dd[None, :],
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            w1t = tl.load(w1_ptr + dd[:, None] * s_w1d + hh[None, :] * s_w1h,
-                          mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-            # ieee: tf32 would move scores enough to flip near-tied experts against the reference.
-            pre += tl.dot(zt, w1t, input_precision="ieee")
-        pre += tl.load(b1_ptr + hh, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        pre = _pre_tile(z_ptr, w1_ptr, b1_ptr, rows, row_ok, hh, h_ok, D, s_w1h, s_w1d,
+                        BLOCK_B, BLOCK_D, BLOCK_H)
         act = tl.where(h_ok[None, :], _activation(pre, ACT), 0.0)
         w2t = tl.load(w2_ptr + hh[:, None] * s_w2h + ecol[None, :] * s_w2e,
                       mask=h_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
@@ -142,11 +202,112 @@ def _gate_topk_fwd_kernel(
     tl.store(wt_ptr + out, p / total[:, None], mask=ok)
 
 
+@triton.jit
+def _gate_topk_bwd_kernel(
+    z_ptr, m_ptr, w1_ptr, b1_ptr, w2_ptr, idx_ptr, wt_ptr, dwt_ptr,   # saved inputs, d weights
+    ds_ptr, a_ptr, dpre_ptr, dh_ptr,       # outputs: ds [B, E], a, dpre [B, h] fp32; dh [B, T, d]
+    B, T, D, H, E, K,
+    s_mb, s_mt, s_w1h, s_w1d, s_w2e, s_w2h, s_dhb, s_dht, s_dhd,
+    ACT: tl.constexpr, NEED_DH: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    ecol = tl.arange(0, BLOCK_E)
+    e_ok = ecol < E
+
+    # ---- ds [BLOCK_B, BLOCK_E]: softmax over the kept slots, scattered to their expert columns
+    wdot = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for j in range(0, K):
+        wt = tl.load(wt_ptr + rows * K + j, mask=row_ok, other=0.0)
+        g = tl.load(dwt_ptr + rows * K + j, mask=row_ok, other=0.0)
+        wdot += wt * g
+    ds = tl.zeros([BLOCK_B, BLOCK_E], dtype=tl.float32)
+    for j in range(0, K):
+        wt = tl.load(wt_ptr + rows * K + j, mask=row_ok, other=0.0)
+        g = tl.load(dwt_ptr + rows * K + j, mask=row_ok, other=0.0)
+        e = tl.load(idx_ptr + rows * K + j, mask=row_ok, other=-1)
+        ds += tl.where(ecol[None, :] == e[:, None], (wt * (g - wdot))[:, None], 0.0)
+    tl.store(ds_ptr + rows[:, None] * E + ecol[None, :], ds, mask=row_ok[:, None] & e_ok[None, :])
+
+    # ---- per h tile: a = act(pre), dpre = (ds @ w2[:, hh]) * act'(pre)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
+        pre = _pre_tile(z_ptr, w1_ptr, b1_ptr, rows, row_ok, hh, h_ok, D, s_w1h, s_w1d,
+                        BLOCK_B, BLOCK_D, BLOCK_H)
+        act, dact = _activation_grad(pre, ACT)
+        w2t = tl.load(w2_ptr + ecol[:, None] * s_w2e + hh[None, :] * s_w2h,
+                      mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+        dpre = tl.dot(ds, w2t, input_precision="ieee") * dact
+        out = rows[:, None] * H + hh[None, :]
+        ok = row_ok[:, None] & h_ok[None, :]
+        tl.store(a_ptr + out, act, mask=ok)
+        tl.store(dpre_ptr + out, dpre, mask=ok)
+
+    # ---- d hidden = (dpre @ w1) * mask / count, per d tile, broadcast over the tokens
+    if NEED_DH:
+        # dpre is read back across the program's threads: make the stores above visible first.
+        tl.debug_barrier()
+        inv = _inv_count(m_ptr, rows, row_ok, T, s_mb, s_mt, BLOCK_B, BLOCK_T)
+        toks = tl.arange(0, BLOCK_T)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            dz = _rows_matmul(dpre_ptr, H, w1_ptr, s_w1h, s_w1d, rows, row_ok, dd, d_ok, H,
+                              BLOCK_B, BLOCK_H, BLOCK_D)
+            dz = dz * inv[:, None]
+            for t0 in range(0, T, BLOCK_T):
+                t = t0 + toks
+                t_ok = t < T
+                mk = tl.load(m_ptr + rows[:, None] * s_mb + t[None, :] * s_mt,
+                             mask=row_ok[:, None] & t_ok[None, :], other=0.0)
+                tl.store(dh_ptr + rows[:, None, None] * s_dhb + t[None, :, None] * s_dht
+                         + dd[None, None, :] * s_dhd,
+                         (dz[:, None, :] * mk[:, :, None]).to(dh_ptr.dtype.element_ty),
+                         mask=row_ok[:, None, None] & t_ok[None, :, None] & d_ok[None, None, :])
+
+
+@triton.jit
+def _gate_topk_bwd_param_kernel(x_ptr, y_ptr, dw_ptr, db_ptr, B, M, N,
+                                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr):
+    """dW = X^T Y [M, N] and db = sum_b X [M] for per-request pieces X [B, M], Y [B, N] (fp32,
+    contiguous): one program per [BLOCK_M, BLOCK_N] tile of dW, reducing over B in order."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = mm < M
+    n_ok = nn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    colsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r0 in range(0, B, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        r_ok = r < B
+        x = tl.load(x_ptr + r[:, None] * M + mm[None, :], mask=r_ok[:, None] & m_ok[None, :],
+                    other=0.0)
+        y = tl.load(y_ptr + r[:, None] * N + nn[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc += tl.dot(tl.trans(x), y, input_precision="ieee")
+        colsum += tl.sum(x, axis=0)
+    tl.store(dw_ptr + mm[:, None] * N + nn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    if pid_n == 0:
+        tl.store(db_ptr + mm, colsum, mask=m_ok)
+
+
 def _block_sizes(T: int, d: int, h: int, E: int):
     """(BLOCK_B, BLOCK_T, BLOCK_D, BLOCK_H, BLOCK_E). tl.dot needs every dim >= 16; the pooling
     tile [BLOCK_B, BLOCK_T, BLOCK_D] is kept at 8K values (64 fp32 registers a thread, 4 warps)."""
     return (16, min(8, triton.next_power_of_2(max(T, 1))), min(64, max(16, triton.next_power_of_2(d))),
             min(64, max(16, triton.next_power_of_2(h))), max(16, triton.next_power_of_2(E)))
+
+
+def _param_block_sizes(M: int, N: int):
+    """(BLOCK_R, BLOCK_M, BLOCK_N) of the parameter-gradient reduction: tl.dot needs >= 16."""
+    return 16, min(64, max(16, triton.next_power_of_2(M))), min(64, max(16, triton.next_power_of_2(N)))
 
 
 def _forward_triton(hidden, mask, w1, b1, w2, b2, k, activation):
@@ -169,36 +330,73 @@ def _forward_triton(hidden, mask, w1, b1, w2, b2, k, activation):
     return idx, wt, z, mask
 
 
+def _param_grads(x, y):
+    """(X^T Y, colsum X) of per-request pieces X [B, M], Y [B, N] (fp32, contiguous)."""
+    B, M = x.shape
+    N = y.shape[1]
+    dw = torch.empty(M, N, device=x.device, dtype=torch.float32)
+    db = torch.empty(M, device=x.device, dtype=torch.float32)
+    BR, BM, BN = _param_block_sizes(M, N)
+    _gate_topk_bwd_param_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        x, y, dw, db, B, M, N, BLOCK_R=BR, BLOCK_M=BM, BLOCK_N=BN, num_warps=4)
+    return dw, db
+
+
+def _backward_triton(dwt, z, maskf, w1, b1, w2, idx, wt, activation, hidden_dtype, need_dh,
+                     need_params):
+    """d hidden [B, T, d] (hidden's dtype, None unless need_dh) and fp32 (dw1, db1, dw2, db2)
+    (None unless need_params) from d weights [B, k]."""
+    B, d = z.shape
+    T = maskf.shape[1]
+    h, E, k = w1.shape[0], w2.shape[0], idx.shape[1]
+    dwt = dwt.to(torch.float32).contiguous()
+    ds = torch.empty(B, E, device=z.device, dtype=torch.float32)
+    a = torch.empty(B, h, device=z.device, dtype=torch.float32)
+    dpre = torch.empty(B, h, device=z.device, dtype=torch.float32)
+    # The interpreter's bf16 cast truncates instead of rounding: there d hidden is written in fp32
+    # and rounded by torch (compiled kernels on a GPU write hidden's dtype directly).
+    dh_dtype = torch.float32 if (hidden_dtype == torch.bfloat16 and z.device.type != "cuda") \
+        else hidden_dtype
+    dh = torch.empty(B, T, d, device=z.device, dtype=dh_dtype) if need_dh else ds
+    BB, BT, BD, BH, BE = _block_sizes(T, d, h, E)
+    _gate_topk_bwd_kernel[(triton.cdiv(B, BB),)](
+        z, maskf, w1, b1, w2, idx, wt, dwt, ds, a, dpre, dh,
+        B, T, d, h, E, k,
+        maskf.stride(0), maskf.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
+        *(dh.stride() if need_dh else (0, 0, 0)),
+        ACT=ACTIVATION_IDS[activation], NEED_DH=need_dh,
+        BLOCK_B=BB, BLOCK_T=BT, BLOCK_D=BD, BLOCK_H=BH, BLOCK_E=BE, num_warps=4,
+    )
+    params = None
+    if need_params:
+        dw1, db1 = _param_grads(dpre, z)
+        dw2, db2 = _param_grads(ds, a)
+        params = (dw1, db1, dw2, db2)
+    return (dh.to(hidden_dtype) if need_dh else None), params
+
+
 class GateTopkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, mask, w1, b1, w2, b2, k, activation):
         idx, wt, z, maskf = _forward_triton(hidden, mask, w1, b1, w2, b2, k, activation)
-        ctx.save_for_backward(z, maskf, w1, b1, w2, b2, idx)
+        ctx.save_for_backward(z, maskf, w1, b1, w2, idx, wt)
         ctx.activation = activation
         ctx.hidden_dtype = hidden.dtype
+        ctx.param_dtypes = (w1.dtype, b1.dtype, w2.dtype, b2.dtype)
         ctx.mark_non_differentiable(idx)
         return idx, wt
 
     @staticmethod
     def backward(ctx, _didx, dwt):
-        z, maskf, w1, b1, w2, b2, idx = ctx.saved_tensors
-        params = [w1, b1, w2, b2]
-        with torch.enable_grad():
-            zr = z.detach().requires_grad_(ctx.needs_input_grad[0])
-            leaves = [p.detach().requires_grad_(True) for p in params]
-            s = reference.gate_scores(zr.unsqueeze(1), maskf.new_ones(z.shape[0], 1), *leaves,
-                                      activation=ctx.activation)
-            wt = torch.softmax(s.gather(1, idx.long()), dim=-1)   # == the kept, renormalised p
-            wanted = ([zr] if ctx.needs_input_grad[0] else []) + leaves
-            grads = torch.autograd.grad(wt, wanted, dwt.float())
-        dhidden = None
-        if ctx.needs_input_grad[0]:
-            dz, grads = grads[0], grads[1:]
-            scale = maskf / maskf.sum(1, keepdim=True).clamp(min=1)          # [B, T]
-            dhidden = (scale.unsqueeze(-1) * dz.unsqueeze(1)).to(ctx.hidden_dtype)
-        dw1, db1, dw2, db2 = (g.to(p.dtype) if need else None for g, p, need in
-                              zip(grads, params, ctx.needs_input_grad[2:6]))
-        return dhidden, None, dw1, db1, dw2, db2, None, None
+        z, maskf, w1, b1, w2, idx, wt = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dhidden, grads = _backward_triton(dwt, z, maskf, w1, b1.contiguous(), w2, idx, wt,
+                                          ctx.activation, ctx.hidden_dtype, need[0], any(need[2:6]))
+        dparams = [None] * 4
+        if grads is not None:
+            dparams = [g.to(dt) if n else None
+                       for g, dt, n in zip(grads, ctx.param_dtypes, need[2:6])]
+        return (dhidden, None, *dparams, None, None)
 
 
 def _check(hidden, mask, w1, b1, w2, b2, k, activation):
