@@ -107,3 +107,29 @@ def test_evaluate_matches_the_models_loss():
     with torch.no_grad():
         loss = tr._forward(collate(items, 0)).loss
     assert res["overall"] == pytest.approx(float(torch.exp(loss)), rel=1e-4)
+
+
+def test_iapt_prompt_source_trains_on_the_instruction_only():
+    model, gen, tr = _setup(mode="iapt", steps=3, lr=2e-2)
+    assert all(not p.requires_grad for p in model.parameters())
+    batch = tr.batch_at(0)
+    loss = tr._forward(batch).loss
+    loss.backward()
+    for name, p in gen.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the generator reads the instruction tokens only: changing a target token leaves its prompts alone
+    seen = []
+    hook = gen.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    with torch.no_grad():
+        tr._forward(batch)
+        row = int(batch["input_mask"][0].sum())
+        batch["input_ids"][0, row] = (batch["input_ids"][0, row] + 1) % 97
+        tr._forward(batch)
+    hook.remove()
+    n = len(seen) // 2
+    assert n == len(gen.inject_layers)
+    assert torch.allclose(seen[0][0], seen[n][0], atol=1e-6)
+    before = {n_: p.detach().clone() for n_, p in gen.named_parameters()}
+    tr.train()
+    assert all(not torch.equal(before[n_], p) for n_, p in gen.named_parameters())
+    assert tr.evaluate(_items(6, seed=5))["overall"] > 1

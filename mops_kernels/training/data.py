@@ -152,6 +152,22 @@ def task_names(cache: str) -> List[str]:
         return json.load(f)["tasks"]
 
 
+class ByteTokenizer:
+    """The tokenizer of a backbone that has none (load_backbone(config=...): random weights, tests):
+    UTF-8 bytes b -> 1 + b % (vocab_size - 1) (0 is the padding id); no special tokens."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+        self.vocab_size = vocab_size
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]}
+
+
 def encode(tok, row: dict, max_len: int, add_eos: bool = False) -> dict:
     """Token ids of "input" then " target" (+ EOS if add_eos: off by default, since an instruct
     model's EOS, e.g. SmolLM2's <|im_end|>, is near-impossible after raw text and would dominate the

@@ -1,4 +1,5 @@
-"""Train a PromptBank + SmartGate (MoPs) or one soft prompt (the baseline) on a frozen backbone.
+"""Train a PromptBank + SmartGate (MoPs), one soft prompt (the baseline) or an IAPT generator on a
+frozen backbone.
 
     prompts = build_prompts(model, "mops", num_experts=4, prompt_len=8, top_k=2, gate_layer=10, inject_from=11)
     trainer = PromptTrainer(model, prompts, train_items, TrainConfig(steps=300, gate_steps=50, ...))
@@ -12,6 +13,11 @@ the gate never sees the target it is scored on (at serving time it sees the prom
 the request's experts; layers >= inject_from read them through prefix_attention. Gradients reach
 bank.keys/values through prefix_attention's backward and the gate through gate_topk's weights.
 Loss: the model's LM loss with labels -100 outside the target tokens.
+IAPT (mode "iapt", an InstructionPromptGenerator): attached as the model's prompt source, its 4 soft
+tokens per injected layer are generated from the hidden states of the instruction tokens only (the
+trainer hands the generator input_mask instead of the attention mask), so, as for the gate, the
+target never leaks into its own prompt; gradients reach the generator through iapt_generate's backward
+and through the frozen layer's k/v projections.
 
 Schedule: steps [0, gate_steps) pretrain the gate as a routing head (routing_loss on the task labels,
 the forward stops after gate_layer); steps [gate_steps, steps) train bank and gate jointly on the LM
@@ -34,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules.prompts import MixtureOfPrompts, PromptBank, _model_dims
+from ..modules.prompts import InstructionPromptGenerator, MixtureOfPrompts, PromptBank, _model_dims
 from .data import collate
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -53,12 +59,22 @@ class TrainConfig:
     progress: bool = True
 
 
+MODES = ("single", "mops", "iapt")
+
+
 def build_prompts(model, mode: str, *, num_experts: int = 4, prompt_len: int = 8, top_k: int = 2,
                   gate_layer: int = 10, inject_from: int = 11, gate_hidden: int = 64,
-                  seed: int = 0) -> MixtureOfPrompts:
+                  iapt_bottleneck: int = 16, seed: int = 0):
     """mode "mops": E experts of P tokens + a SmartGate; mode "single": the baseline, one prompt of
-    E*P tokens (same number of trainable prompt values) and no gate. Initialised from `seed`."""
+    E*P tokens (same number of trainable prompt values) and no gate; mode "iapt": an
+    InstructionPromptGenerator (4 generated tokens per layer >= inject_from, bottleneck
+    iapt_bottleneck). Initialised from `seed`."""
     torch.manual_seed(seed)
+    if mode == "iapt":
+        dims = _model_dims(model)
+        L = dims["num_layers"]
+        return InstructionPromptGenerator(dims["hidden_size"], L, range(inject_from, L),
+                                          bottleneck=iapt_bottleneck).to(next(model.parameters()).device)
     if mode == "mops":
         return MixtureOfPrompts.for_model(model, num_experts=num_experts, prompt_len=prompt_len, top_k=top_k,
                                           gate_layer=gate_layer, inject_from=inject_from, gate_hidden=gate_hidden)
@@ -69,11 +85,25 @@ def build_prompts(model, mode: str, *, num_experts: int = 4, prompt_len: int = 8
         bank = PromptBank(L, range(inject_from, L), 1, num_experts * prompt_len, dims["num_kv_heads"],
                           dims["head_dim"], device=dev)
         return MixtureOfPrompts(bank, None, inject_from)
-    raise ValueError(f"mode must be 'mops' or 'single', got {mode!r}")
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 class _StopAfterGateLayer(Exception):
     pass
+
+
+class _InstructionOnly:
+    """What attach() sees in place of an InstructionPromptGenerator during training: the same
+    generator, called with the trainer's instruction mask (input_mask) instead of the attention mask."""
+
+    def __init__(self, generator: InstructionPromptGenerator, trainer: "PromptTrainer"):
+        self.generator, self.trainer = generator, trainer
+        self.inject_layers, self.inject_from = generator.inject_layers, generator.inject_from
+        self.to_prefix, self.check_compatible = generator.to_prefix, generator.check_compatible
+
+    def __call__(self, layer_idx, H, mask):
+        m = self.trainer._input_mask
+        return self.generator(layer_idx, H, mask if m is None else m[:, -H.shape[1]:].to(H.device))
 
 
 def _flatten_opt(opt: torch.optim.Optimizer):
@@ -106,16 +136,19 @@ class PromptTrainer:
         if not items:
             raise ValueError("no training items")
         self.model, self.prompts, self.items, self.cfg, self.pad_id = model, prompts, list(items), config, pad_id
-        self.gate = prompts.gate
+        self.gate = getattr(prompts, "gate", None)
+        self.iapt = isinstance(prompts, InstructionPromptGenerator)
         self.device = next(model.parameters()).device
         self.step = 0
-        groups = [{"params": [prompts.bank.keys, prompts.bank.values], "lr": config.lr}]
+        groups = [{"params": [p for n, p in prompts.named_parameters() if not n.startswith("gate.")],
+                   "lr": config.lr}]
         if self.gate is not None:
             groups.append({"params": list(self.gate.parameters()), "lr": config.gate_lr or config.lr})
         self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self._input_mask = None
         self._capture = None
-        attach(model, MixtureOfPrompts(prompts.bank, None, prompts.inject_from))
+        attach(model, _InstructionOnly(prompts, self) if self.iapt
+               else MixtureOfPrompts(prompts.bank, None, prompts.inject_from))
         self._hook = None
         if self.gate is not None:
             layer = model.model.layers[self.gate.gate_layer]
@@ -138,7 +171,7 @@ class PromptTrainer:
         ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         labels = batch["labels"].to(self.device)
         kw = {}
-        if self.gate is None:                      # one prompt for every row
+        if self.gate is None and not self.iapt:    # one prompt for every row
             kw["expert_index"] = torch.zeros(ids.shape[0], 1, dtype=torch.int32, device=self.device)
         self._input_mask = batch["input_mask"]
         try:
