@@ -11,7 +11,8 @@ from torch import nn
 from mops_kernels import reference as ref
 
 
-def tiny_model(family="llama", layers=4, seed=0):
+def tiny_model(family="llama", layers=4, seed=0, **config):
+    """A random tiny decoder (GQA 3: 6 query heads, 2 kv heads, head dim 16); `config` overrides."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                               Qwen2Config, Qwen2ForCausalLM)
     cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
@@ -20,7 +21,7 @@ def tiny_model(family="llama", layers=4, seed=0):
     torch.manual_seed(seed)
     cfg = cfg_cls(vocab_size=97, hidden_size=96, intermediate_size=160, num_hidden_layers=layers,
                   num_attention_heads=6, num_key_value_heads=2, head_dim=16, pad_token_id=0,
-                  max_position_embeddings=256)
+                  max_position_embeddings=256, **config)
     return model_cls(cfg).eval()
 
 

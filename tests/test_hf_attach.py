@@ -220,9 +220,6 @@ def test_errors_leave_model_untouched():
     ids, mask = left_padded()
     with pytest.raises(ValueError, match="out of range"):
         model.generate(input_ids=ids, attention_mask=mask, expert_index=torch.tensor([[5], [0], [1]]), **GEN)
-    with pytest.raises(ValueError, match="static KV cache"):
-        model.generate(input_ids=ids, attention_mask=mask, expert_index=torch.tensor([[1], [0], [1]]),
-                       cache_implementation="static", **GEN)
     with pytest.raises(ValueError, match="already"):
         attach(model, None)
     detach(model)
@@ -273,3 +270,153 @@ def test_smollm_experts_rows_equal_alone(smollm):
             assert torch.equal(model.generate(input_ids=i, attention_mask=m, **kw)[0, i.shape[1]:], both[b - 1])
     finally:
         detach(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers' StaticCache (generate(cache_implementation="static")) and sliding windows.
+# ------------------------------------------------------------------------------------------------
+STATIC = dict(cache_implementation="static")
+# Windows of 5 keys: the prompts (13 tokens) and the answers (9 more) are longer than that.
+WINDOWED = {"mistral": dict(sliding_window=5),
+            "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=2)}
+
+
+def _close_logits(got, want, tol=1e-4):
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert ((a - b).norm() / b.norm()).item() < tol, f"step {step}"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_static_cache_same_tokens_and_logits(family):
+    model = tiny_model(family)
+    ids, mask = left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True,
+              **GEN, **STATIC)
+    want = model.generate(**kw)
+    attach(model, None)
+    got = model.generate(**kw)
+    assert torch.equal(got.sequences, want.sequences)
+    _close_logits(got.logits, want.logits)
+    assert torch.equal(got.sequences, model.generate(**{**kw, "cache_implementation": None}).sequences)
+
+
+@pytest.mark.parametrize("prompts", ["gate", "slots", "iapt"])
+def test_static_cache_experts_rows_equal_alone(prompts):
+    model = tiny_model()
+    ids, mask = left_padded()
+    kw = {}
+    if prompts == "iapt":
+        attached = Generator(model.config.hidden_size, [2, 3])
+    else:
+        attached = tiny_mops(model, with_gate=prompts == "gate")
+    if prompts == "slots":
+        kw = dict(expert_index=torch.tensor([[3, 0], [1, -1], [4, 2]], dtype=torch.int32),
+                  expert_weight=torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.2, 0.8]]))
+    plain = _gen_rows(model, ids, mask, **STATIC)
+    attach(model, attached)
+    dynamic = _gen_rows(model, ids, mask, **kw)
+    batched = _gen_rows(model, ids, mask, **STATIC, **kw)
+    for b in range(ids.shape[0]):
+        i, m = row(ids, mask, b)
+        one = {k: t[b:b + 1] for k, t in kw.items()}
+        assert torch.equal(_gen_rows(model, i, m, **STATIC, **one)[0], batched[b]), f"row {b}"
+    assert torch.equal(batched, dynamic)                  # the static cache changes nothing
+    assert not torch.equal(batched, plain)                # the prompts reached the static-cache run
+    if prompts == "gate":
+        assert attached.gate.calls == 2 + ids.shape[0]    # once per generate, static ones included
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sliding_window_same_tokens_as_transformers(family, cache):
+    model = tiny_model(family, **WINDOWED[family])
+    ids, mask = left_padded(T=13)
+    kw = dict(max_new_tokens=9, **(STATIC if cache == "static" else {}))
+    want = _gen_rows(model, ids, mask, **kw)
+    want_logits = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.equal(want, _gen_rows(tiny_model(family), ids, mask, **kw))   # the window matters
+    attach(model, None)
+    assert torch.equal(_gen_rows(model, ids, mask, **kw), want)
+    real = mask.bool()
+    got_logits = model(input_ids=ids, attention_mask=mask).logits
+    assert ((got_logits - want_logits)[real].norm() / want_logits[real].norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sliding_window_experts_rows_equal_alone(cache):
+    model = tiny_model("mistral", **WINDOWED["mistral"])
+    mops = tiny_mops(model, with_gate=False)
+    ids, mask = left_padded(T=13)
+    idx = torch.tensor([[3, 0], [1, -1], [4, 2]], dtype=torch.int32)
+    w = torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.2, 0.8]])
+    kw = dict(max_new_tokens=9, **(STATIC if cache == "static" else {}))
+    plain = _gen_rows(model, ids, mask, **kw)
+    attach(model, mops)
+    batched = _gen_rows(model, ids, mask, expert_index=idx, expert_weight=w, **kw)
+    for b in range(3):
+        i, m = row(ids, mask, b)
+        alone = _gen_rows(model, i, m, expert_index=idx[b:b + 1], expert_weight=w[b:b + 1], **kw)
+        assert torch.equal(alone[0], batched[b]), f"row {b}"
+    assert not torch.equal(batched, plain)
+
+
+def _window_oracle(q, k, v, pk, pv, idx, w, lens, mask, window, scale):
+    """float64 softmax over the chosen slots (+ log w) and keys j < n = mask length with
+    j <= n - T + t (causal, bottom-right) and j > n - T + t - window; 0 for a row with no key."""
+    q, k, v, pk, pv, w = (t.double() for t in (q, k, v, pk, pv, w))
+    B, Hq, T, D = q.shape
+    n, g = mask.shape[1], Hq // k.shape[1]
+    K = k[:, :, :n].repeat_interleave(g, 1)
+    V = v[:, :, :n].repeat_interleave(g, 1)
+    t = torch.arange(T).view(T, 1)
+    j = torch.arange(n).view(1, n)
+    ok = (j <= n - T + t) & (j > n - T + t - window) & mask.bool()[:, None, None, :]      # [B, 1, T, n]
+    s = (q @ K.transpose(-1, -2) * scale).masked_fill(~ok, -torch.inf)
+    slot = idx.clamp(min=0).long()
+    kk, P = idx.shape[1], pk.shape[1]
+    PK = pk[slot].permute(0, 3, 1, 2, 4).reshape(B, -1, kk * P, D).repeat_interleave(g, 1)
+    PV = pv[slot].permute(0, 3, 1, 2, 4).reshape(B, -1, kk * P, D).repeat_interleave(g, 1)
+    pok = ((idx >= 0) & (w > 0))[..., None] & (torch.arange(P) < lens[slot][..., None])   # [B, kk, P]
+    bias = torch.where(pok, torch.log(w.clamp(min=1e-30))[..., None], -torch.inf).view(B, 1, 1, kk * P)
+    ps = q @ PK.transpose(-1, -2) * scale + bias
+    logits = torch.cat([ps, s], -1)
+    p = torch.nan_to_num(logits.softmax(-1), nan=0.0)
+    return p @ torch.cat([PV, V], 2)
+
+
+@pytest.mark.parametrize("T, S, n, window", [(13, 13, 13, 5),    # prefill longer than the window
+                                              (1, 20, 16, 5),     # decode in a static buffer
+                                              (4, 20, 16, 5),     # continued prefill, static buffer
+                                              (6, 11, 6, 20)])    # window wider than the keys
+def test_attention_window_and_static_buffer_match_oracle(T, S, n, window):
+    """mops_attention_forward itself: keys past the mask length ignored, per-query window, slots
+    visible to every query; values and gradients against a float64 oracle."""
+    from types import SimpleNamespace
+    from mops_kernels.integrations.attention import PrefixRouting, mops_attention_forward
+    g = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, D, E, P = 3, 6, 2, 16, 5, 7
+    q = torch.randn(B, Hq, T, D, generator=g).requires_grad_()
+    k = torch.randn(B, Hkv, S, D, generator=g).requires_grad_()
+    v = torch.randn(B, Hkv, S, D, generator=g).requires_grad_()
+    pk = (torch.randn(E, P, Hkv, D, generator=g) * 2).requires_grad_()
+    pv = (torch.randn(E, P, Hkv, D, generator=g) * 2).requires_grad_()
+    idx = torch.tensor([[3, 0], [1, -1], [4, 4]], dtype=torch.int32)
+    w = torch.tensor([[0.7, 0.3], [1.0, 0.5], [0.2, 0.8]]).requires_grad_()
+    lens = torch.tensor([7, 6, 5, 7, 6], dtype=torch.int32)
+    mask = torch.ones(B, n, dtype=torch.long)
+    mask[0, :4], mask[2, :2] = 0, 0                                   # left padding
+    with torch.no_grad():
+        k[:, :, n:] = float("nan")                                    # unwritten static positions
+        v[:, :, n:] = float("nan")
+    routing = PrefixRouting([pk], [pv], idx, w, lens)
+    out, _ = mops_attention_forward(SimpleNamespace(layer_idx=0), q, k, v, mask, scaling=0.3,
+                                    sliding_window=window, mops_prefix=routing)
+    want = _window_oracle(q, k, v, pk, pv, idx, w, lens, mask, window, 0.3).transpose(1, 2)
+    assert out.shape == (B, T, Hq, D)
+    assert (out.double() - want).abs().max().item() < 1e-4
+    go = torch.randn(out.shape, generator=g)
+    ins = (q, k, v, pk, pv, w)
+    got_g = torch.autograd.grad(out, ins, go)
+    want_g = torch.autograd.grad(want, ins, go.double())
+    for name, a, b in zip("q k v pk pv w".split(), got_g, want_g):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-4, name

@@ -16,6 +16,8 @@ What attach does, on the model instance only (detach restores all of it):
   stay with each row for every decode step (beams of one request share them);
 - IAPT: a forward pre-hook on every injected layer turns the hidden states entering it into that
   request's 4 prefix tokens at prefill (per-request slots in `prefix_attention`).
+Any transformers cache works (dynamic, StaticCache / cache_implementation="static", sliding-window
+caches), and Mistral's / Qwen2's sliding windows are applied: attention.py says how.
 `quantize=True` also swaps every nn.Linear of the decoder for an Int4Linear (irreversible).
 Everything is validated before anything is touched: a ValueError names the mismatch.
 """
@@ -209,6 +211,19 @@ class _Attached:
         self.current: Optional[_Request] = None     # set by generate for all its forwards
 
 
+def _padding_mask(mask, batch, length, device):
+    """The 2-D mask whose last columns are the current tokens (what the gate and IAPT read).
+
+    generate() with a StaticCache hands forward the masks it already built (attention.py's
+    mops_attention_mask: 2-D, right-aligned to the last query), one per layer type in a dict for
+    models with `layer_types`; a 4-D mask or none at all means nothing is padded that we can see."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next((m for m in mask.values() if m is not None), None))
+    if mask is None or mask.dim() != 2:
+        return torch.ones(batch, length, dtype=torch.long, device=device)
+    return mask
+
+
 def _layer_output_hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -265,16 +280,8 @@ def attach(model, prompts=None, *, quantize=False):
             x = kwargs["inputs_embeds"]
         B, T = x.shape[0], x.shape[1]
         past = kwargs.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        mask = kwargs.get("attention_mask")
-        if mask is None or mask.dim() != 2:
-            mask = torch.ones(B, past_len + T, dtype=torch.long, device=x.device)
-        req.begin(B, mask)
-        if any("Static" in type(layer).__name__ for layer in getattr(past, "layers", ())):
-            # prefix_attention aligns queries to the END of the keys (bottom-right causal); a static
-            # cache puts them at cache_position inside a longer buffer, which a 2-D mask cannot say.
-            raise ValueError("mops attach works with dynamic caches; for a static KV cache use "
-                             "mops_kernels.integrations.engine.Engine")
+        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        req.begin(B, _padding_mask(kwargs.get("attention_mask"), B, past_len + T, x.device))
         if plan.position_offset:
             pos = kwargs.get("position_ids")
             if pos is None:
