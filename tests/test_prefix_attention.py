@@ -6,6 +6,7 @@ prefix_lens < P, left padding and all-masked rows.
 """
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -196,6 +197,100 @@ def test_backward_matches_reference(backend, case, force_backend):
         assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
     if case[8] > 2:
         assert got[5][0, 0] == 0
+
+
+# (B, Hkv, G, T, S, D, E, P, kk): T != S both ways (T > S: the first T - S rows see only the
+# prefix under causal), GQA 3, holes / repeated slots / w = 0 from make()
+SKIP_CASES = [
+    (2, 1, 3, 37, 111, 16, 4, 7, 3),
+    (1, 1, 3, 111, 37, 16, 3, 16, 2),
+    (2, 1, 3, 111, 111, 16, 3, 7, 3),
+]
+
+
+def _grads_vs_reference(case, causal, am=None):
+    q, k, v, pk, pv, idx, w, lens, am0 = make(*case)
+    am = am0 if am is None else am
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, pk, pv, w)]
+    out = prefix_attention(*leaves[:5], idx, leaves[5], prefix_lens=lens, attention_mask=am,
+                           causal=causal)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    rleaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, pk, pv, w)]
+    ref = R.prefix_attention(*rleaves[:5], idx, rleaves[5], prefix_lens=lens, attention_mask=am,
+                             causal=causal)
+    want = torch.autograd.grad(ref, rleaves, g)
+    for name, a, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dweight"), got, want):
+        assert not torch.isnan(a).any(), name
+        assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", SKIP_CASES, ids=[f"T{c[3]}S{c[4]}k{c[8]}" for c in SKIP_CASES])
+def test_triton_backward_t_ne_s_causal_and_not(force_backend, case, causal):
+    """The dk/dv pass with causal skipping (and without causal): every gradient, pool included."""
+    force_backend("triton")
+    _grads_vs_reference(case, causal)
+
+
+def _minimal_row_tiles(T, S, G, BM, BN, am, causal):
+    """(b, key tile) -> how many BLOCK_M row tiles hold a row that sees a valid key of the tile."""
+    need = 0
+    for b in range(am.shape[0]):
+        for s0 in range(0, S, BN):
+            keys = [s for s in range(s0, min(s0 + BN, S)) if am[b, s]]
+            tiles = {r // BM for r in range(G * T)
+                     if any(not causal or s <= S - T + r % T for s in keys)}
+            need += len(tiles)
+    return need
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="counts the kernel's row-tile loads, which needs the interpreter")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T,S,G", [(111, 111, 1), (37, 111, 3), (111, 37, 3), (5, 9, 3)])
+def test_triton_dkv_pass_skips_row_tiles_it_cannot_see(force_backend, monkeypatch, T, S, G,
+                                                       causal):
+    """The dk/dv pass runs exactly the row tiles that can see the key tile (bottom-right causal,
+    whole-padding key tiles skipped): counted through the kernel's row-tile loader."""
+    from mops_kernels.ops import _prefix_attention_triton as TR
+    force_backend("triton")
+    B, Hkv, D = 2, 1, 16
+    q, k, v, pk, pv, idx, w, lens, am = make(B, Hkv, G, T, S, D, 3, 7, 2)
+    am[1, : min(S, 70)] = 0                 # request 1: its first key tile is all padding
+    BM, BN, _ = TR._block_sizes(G * T, D, q.dtype)
+    loads, in_dkv = [], []
+    load_rows = TR._load_rows
+
+    def counting_load_rows(*args, **kw):
+        if in_dkv:
+            loads.append(1)
+        return load_rows(*args, **kw)
+
+    class DkvFlag:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                in_dkv.append(1)
+                try:
+                    return TR._prefix_attention_bwd_dkv_kernel[grid](*args, **kw)
+                finally:
+                    in_dkv.clear()
+            return launch
+
+    monkeypatch.setattr(TR, "_load_rows", counting_load_rows)
+    monkeypatch.setitem(TR._KERNELS, "bwd_dkv", DkvFlag())
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, pk, pv)]
+    out = prefix_attention(*leaves, idx, w, prefix_lens=lens, attention_mask=am, causal=causal)
+    out.sum().backward()
+    # the sequence key tiles do the minimal work; every non-empty prefix tile sees every row tile
+    n_prefix = sum(1 for b in range(B) for j in range(idx.shape[1])
+                   if idx[b, j] >= 0 and w[b, j] > 0 and lens[idx[b, j]] > 0) \
+        * triton_cdiv(7, BN) * triton_cdiv(G * T, BM)
+    assert len(loads) == _minimal_row_tiles(T, S, G, BM, BN, am, causal) + n_prefix
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 def test_triton_backward_low_precision(force_backend):

@@ -22,7 +22,12 @@ Backward (FlashAttention-2 style, delta = rowsum(dO * O)), with ds = p * (dO·v 
                                       partial sums of ds over each slot's tokens (d log w)
     _prefix_attention_bwd_dkv_kernel  dk = scale * sum ds q, dv = sum p dO for the sequence keys
                                       (plain stores) and for the prefix slots (fp32 atomics into
-                                      d pool [E, P, Hkv, D]: a slot picked twice gets both sums)
+                                      d pool [E, P, Hkv, D]: a slot picked twice gets both sums).
+                                      Causal skipping: a sequence key tile runs only the row tiles
+                                      with some t >= s_first - (S - T) (its first unpadded key),
+                                      about half the (key, row) tile pairs at T = S; key tiles of
+                                      pure padding and prefix tiles of excluded slots run none.
+                                      Prefix keys have no causal rule: every row tile sees them.
     d w = d log w / w, and 0 where w == 0 (the slot is excluded there).
 """
 from __future__ import annotations
@@ -322,27 +327,41 @@ def _bwd_kv_tile(Q, DO, LSE, DELTA, sqb, sqh, sqt, sqd, pid_bh, Hkv, G, T, S,
                  k, v, key_pos, key_ok, bias, qk_scale, sm_scale,
                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """dk, dv [N, D] of one key tile (k, v [N, D]) against every query row of (b, hkv)."""
+    """dk, dv [N, D] of one key tile (k, v [N, D]) against the query rows of (b, hkv) that see it.
+
+    Row r = g*T + t sees key s iff t >= t_lo = s - (S - T) under causal, so the tile's first valid
+    key bounds the rows: per head g only the row tiles holding some t >= t_lo run (t_lo = T, no
+    row tile at all, when every key of the tile is padding or outside the slot). Row tiles stay
+    aligned to BLOCK_M over the flattened rows (no extra tile when T < BLOCK_M); a tile spanning
+    two heads runs once, in the loop of the first (its row g*T - 1 has t = T - 1 >= t_lo)."""
     R = G * T
     offs_d = tl.arange(0, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_M):
-        b, hkv, rows, row_ok, t, h, q = _load_rows(Q, sqb, sqh, sqt, sqd, pid_bh, r0, Hkv, G, T,
-                                                   BLOCK_M, BLOCK_D)
-        do = tl.load(DO + (pid_bh * R + rows[:, None]) * BLOCK_D + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + pid_bh * R + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh * R + rows, mask=row_ok, other=0.0)
-        st = _dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale + bias   # [N, M]
-        ok = key_ok[:, None]
-        if CAUSAL:
-            ok = ok & (key_pos[:, None] <= (S - T + t)[None, :])
-        pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
-        dv += _dot(_as(pt, do.dtype, UPCAST), do, DOT_PREC, UPCAST)
-        dpt = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(_as(dst, q.dtype, UPCAST), q, DOT_PREC, UPCAST)
+    first = tl.min(tl.where(key_ok, key_pos, 1 << 30), 0)      # 2^30: no valid key in the tile
+    t_lo = tl.where(first == 1 << 30, T, 0)
+    if CAUSAL:
+        t_lo = tl.minimum(tl.maximum(first - (S - T), 0), T)
+    for g in range(0, G):
+        r_start = tl.maximum(((g * T + t_lo) // BLOCK_M) * BLOCK_M,
+                             ((g * T + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        r_end = tl.where(t_lo < T, (g + 1) * T, 0)            # no visible row: no tile
+        for r0 in range(r_start, r_end, BLOCK_M):
+            b, hkv, rows, row_ok, t, h, q = _load_rows(Q, sqb, sqh, sqt, sqd, pid_bh, r0, Hkv, G,
+                                                       T, BLOCK_M, BLOCK_D)
+            do = tl.load(DO + (pid_bh * R + rows[:, None]) * BLOCK_D + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + pid_bh * R + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + pid_bh * R + rows, mask=row_ok, other=0.0)
+            st = _dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale + bias   # [N, M]
+            ok = key_ok[:, None]
+            if CAUSAL:
+                ok = ok & (key_pos[:, None] <= (S - T + t)[None, :])
+            pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
+            dv += _dot(_as(pt, do.dtype, UPCAST), do, DOT_PREC, UPCAST)
+            dpt = _dot(v, tl.trans(do), DOT_PREC, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(_as(dst, q.dtype, UPCAST), q, DOT_PREC, UPCAST)
     return dk * sm_scale, dv
 
 
