@@ -112,3 +112,136 @@ def test_engine_smollm_matches_generate():
         assert reqs[1].tokens == _hf_alone(model, ids[1], 4)
     finally:
         detach(model)
+
+
+# ------------------------------------------------------------------------------ the lean decode path
+def _int4_tiny(seed=0):
+    from mops_kernels.modules.int4_linear import replace_linears
+    model = tiny_model(seed=seed)
+    replace_linears(model.model)            # q/k/v/o, gate/up/down as Q4_1, group 32 (K = 96, 160)
+    return model
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_fused_projection_equals_separate_layers(M):
+    """q/k/v (and gate/up) concatenated along N give, bit for bit, the three layers' outputs."""
+    from mops_kernels.integrations.engine import _Proj
+    model = _int4_tiny()
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    x = torch.randn(M, 96)
+    fused = _Proj([attn.q_proj, attn.k_proj, attn.v_proj], x.device)
+    assert fused.fn is not None                           # it did fuse
+    with torch.no_grad():
+        ref_qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        assert torch.equal(fused(x), ref_qkv)
+        assert torch.equal(_Proj([mlp.gate_proj, mlp.up_proj], x.device)(x),
+                           torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+        plain = tiny_model().model.layers[0].self_attn   # nn.Linear: not fused, run one by one
+        p = _Proj([plain.q_proj, plain.k_proj], x.device)
+        assert p.fn is None and torch.equal(p(x), torch.cat([plain.q_proj(x), plain.k_proj(x)], -1))
+
+
+def test_rope_table_and_rmsnorm_equal_the_modules():
+    model = tiny_model()
+    eng = Engine(model, None, max_batch=2, max_len=40)
+    pos = torch.tensor([[0, 5, 17, 39]])
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(torch.zeros(1, 1, 1), pos)
+    h = 8
+    assert torch.equal(eng._cos[pos[0]], cos[0])
+    assert torch.equal(eng._sin_s[pos[0]], torch.cat([-sin[0, :, :h], sin[0, :, h:]], -1))
+    x = torch.randn(5, 96) * 3
+    ln = model.model.layers[2].input_layernorm
+    with torch.no_grad():
+        ln.weight.normal_()
+        assert torch.equal(Engine._rms(ln, x), ln(x))
+
+
+def test_engine_int4_steps_only_busy_rows_and_matches_generate(monkeypatch):
+    """One request in a max_batch=4 engine: the step runs 1 row over len+1 columns; tokens = generate()."""
+    model = _int4_tiny(seed=3)
+    eng = Engine(model, None, max_batch=4, max_len=48)
+    seen = []
+    orig = eng._decode_step
+    monkeypatch.setattr(eng, "_decode_step", lambda n, S: seen.append((n, S)) or orig(n, S))
+    prompts = _prompts(3, seed=11)
+    r0 = eng.submit(prompts[0], max_new_tokens=6)
+    eng.run_until_done()
+    T0 = prompts[0].numel()
+    assert seen == [(1, T0 + 1 + i) for i in range(5)]
+    assert r0.tokens == _hf_alone(model, prompts[0], 6)
+    # slot 0 leaves while slot 1 runs on: rows 0..1 are stepped; then slot 1 alone
+    seen.clear()
+    ra = eng.submit(prompts[1], max_new_tokens=2)
+    rb = eng.submit(prompts[2], max_new_tokens=7)
+    eng.run_until_done()
+    assert [n for n, _ in seen] == [2] + [2] * 5
+    assert ra.tokens == _hf_alone(model, prompts[1], 2) and rb.tokens == _hf_alone(model, prompts[2], 7)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def _hf_sample(model, ids, new, seed, eos, **kw):
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids.view(1, -1), attention_mask=torch.ones(1, ids.numel(), dtype=torch.long),
+                         max_new_tokens=new, do_sample=True, pad_token_id=0, eos_token_id=eos, **kw)
+    return out[0, ids.numel():].tolist()
+
+
+def test_engine_sampling_equals_hf_generate_with_the_same_seed():
+    """Per-request seeds: each request of a mixed batch samples exactly the tokens of HF generate(do_sample=True)
+    run alone after torch.manual_seed(seed) (same warpers, same order, one multinomial draw per step)."""
+    model = tiny_model(seed=5)
+    eos = model.generation_config.eos_token_id
+    eng = Engine(model, None, max_batch=3, max_len=60, eos_token_id=eos)
+    prompts = _prompts(4, seed=13)
+    settings = [dict(temperature=0.8, top_k=20, top_p=0.9), dict(temperature=1.3, top_k=0, top_p=1.0),
+                None, dict(temperature=1.0, top_k=0, top_p=0.6)]
+    seeds = [11, 22, None, 33]
+    reqs = []
+    for p, st, sd in zip(prompts, settings, seeds):
+        if st is None:
+            reqs.append(eng.submit(p, max_new_tokens=12))
+        else:
+            reqs.append(eng.submit(p, max_new_tokens=12, do_sample=True, seed=sd, **st))
+    eng.run_until_done()
+    for p, st, sd, r in zip(prompts, settings, seeds, reqs):
+        if st is None:
+            ref = _hf_alone(model, p, 12)
+            ref = ref[:ref.index(eos) + 1] if eos in ref else ref
+        else:
+            ref = _hf_sample(model, p, 12, sd, eos, **st)
+        assert r.tokens == ref, (st, sd)
+    assert any(len(set(r.tokens)) > 1 for r in reqs)
+    again = Engine(model, None, max_batch=1, max_len=60, eos_token_id=eos)
+    r = again.submit(prompts[0], max_new_tokens=12, do_sample=True, seed=11, **settings[0])
+    again.run_until_done()
+    assert r.tokens == reqs[0].tokens                       # the seed alone fixes the tokens
+    r = again.submit(prompts[0], max_new_tokens=12, do_sample=True, seed=12, temperature=3.0)
+    again.run_until_done()
+    assert r.tokens != reqs[0].tokens
+
+
+def test_sampling_limits_are_greedy():
+    from mops_kernels.integrations.engine import sample_token
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logits = torch.randn(97, generator=g) * 3
+        best = int(logits.argmax())
+        assert sample_token(logits, top_k=1, generator=g) == best
+        assert sample_token(logits, temperature=1e-4, generator=g) == best
+        assert sample_token(logits, top_p=1e-6, generator=g) == best
+    logits = torch.zeros(97)
+    logits[[3, 50]] = 10.0
+    drawn = {sample_token(logits, top_k=2, generator=g) for _ in range(60)}
+    assert drawn == {3, 50}
+    model = tiny_model()
+    eng = Engine(model, None, max_batch=2, max_len=40)
+    p = _prompts(1, seed=4)[0]
+    a = eng.submit(p, max_new_tokens=8)
+    b = eng.submit(p, max_new_tokens=8, do_sample=True, top_k=1, temperature=0.5, seed=1)
+    eng.run_until_done()
+    assert a.tokens == b.tokens
+    with pytest.raises(ValueError, match="temperature"):
+        eng.submit(p, max_new_tokens=4, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        eng.submit(p, max_new_tokens=4, do_sample=True, top_p=1.5)
