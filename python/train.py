@@ -1,13 +1,15 @@
-"""Train MoPs (bank + smart gate) or the single-prompt baseline on the frozen 4-bit SmolLM2 backbone.
+"""Train MoPs (bank + smart gate), the single-prompt baseline or IAPT on the frozen 4-bit SmolLM2 backbone.
 
     python python/prepare_data.py --out data/bigbench
     python python/train.py --data data/bigbench --mode mops --steps 300 --gate-steps 50 --out runs/mops
     python python/train.py ... --out runs/mops --resume          # continues exactly from the checkpoint
     python python/train.py --data data/bigbench --mode single --out runs/single   # the baseline
+    python python/train.py --data data/bigbench --mode iapt --out runs/iapt       # IAPT generator
 
 Writes OUT/checkpoint.safetensors (every --checkpoint-every steps, at the end, and on Ctrl-C),
 OUT/prompts/ (MixtureOfPrompts.save: bank.safetensors, gate.safetensors, mops.json; load with
-MixtureOfPrompts.load and mops_kernels.attach) and OUT/metrics.json (validation perplexity per task).
+MixtureOfPrompts.load and mops_kernels.attach; IAPT: iapt.safetensors, load with
+mops_kernels.training.trainer.load_iapt) and OUT/metrics.json (validation perplexity per task).
 Without --resume an existing checkpoint in OUT is refused, so a run is never silently continued.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from mops_kernels.training.data import encode, load_split, task_names  # noqa: E402
-from mops_kernels.training.trainer import CHECKPOINT, PromptTrainer, TrainConfig, build_prompts  # noqa: E402
+from mops_kernels.training.trainer import (CHECKPOINT, MODES, PromptTrainer, TrainConfig,  # noqa: E402
+                                           build_prompts, save_prompts)
 
 
 def add_model_args(ap):
@@ -36,6 +39,7 @@ def add_model_args(ap):
     ap.add_argument("--gate-layer", type=int, default=10)
     ap.add_argument("--inject-from", type=int, default=11)
     ap.add_argument("--gate-hidden", type=int, default=64)
+    ap.add_argument("--iapt-bottleneck", type=int, default=16, help="IAPT generator bottleneck width")
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--max-train", type=int, default=None, help="items per task kept for training")
     ap.add_argument("--max-eval", type=int, default=None, help="validation items per task")
@@ -56,6 +60,25 @@ def load_items(tok, cache, split, max_len, per_task=None):
     return [encode(tok, r, max_len) for r in rows]
 
 
+def new_prompts(args, model, mode):
+    return build_prompts(model, mode, num_experts=args.experts, prompt_len=args.prompt_len, top_k=args.top_k,
+                         gate_layer=args.gate_layer, inject_from=args.inject_from,
+                         gate_hidden=args.gate_hidden, iapt_bottleneck=args.iapt_bottleneck, seed=args.seed)
+
+
+def measure(args, mode, trainer, prompts, valid, steps):
+    """Validation perplexity per task / overall and the gate's routing, as the metrics dict."""
+    names = task_names(args.data)
+    ev = trainer.evaluate(valid)
+    routing = trainer.routing(valid)
+    return dict(mode=mode, seed=args.seed, steps=steps, overall_ppl=ev["overall"],
+                trainable_params=sum(p.numel() for p in prompts.parameters()),
+                per_task_ppl={names[k]: v for k, v in ev["per_task"].items()},
+                target_tokens={names[k]: v for k, v in ev["tokens"].items()},
+                routing_top1={names[k]: v for k, v in routing.items()},
+                config={k: v for k, v in vars(args).items() if not callable(v)})
+
+
 def run(args, mode, out, resume=False, backbone=None):
     """Train one mode into `out`; returns the metrics dict (also written to out/metrics.json)."""
     from mops_kernels.integrations.backbone import load_backbone
@@ -65,26 +88,17 @@ def run(args, mode, out, resume=False, backbone=None):
     tok.padding_side = "right"
     train = load_items(tok, args.data, "train", args.max_len, args.max_train)
     valid = load_items(tok, args.data, "validation", args.max_len, args.max_eval)
-    prompts = build_prompts(model, mode, num_experts=args.experts, prompt_len=args.prompt_len, top_k=args.top_k,
-                            gate_layer=args.gate_layer, inject_from=args.inject_from,
-                            gate_hidden=args.gate_hidden, seed=args.seed)
+    prompts = new_prompts(args, model, mode)
     cfg = TrainConfig(steps=args.steps, gate_steps=args.gate_steps if mode == "mops" else 0,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       checkpoint_every=args.checkpoint_every)
     trainer = PromptTrainer(model, prompts, train, cfg, pad_id=tok.pad_token_id or 0)
     try:
         trainer.train(out, resume=resume)
-        prompts.save(os.path.join(out, "prompts"))
-        names = task_names(args.data)
-        ev = trainer.evaluate(valid)
-        routing = trainer.routing(valid)
+        save_prompts(prompts, os.path.join(out, "prompts"))
+        metrics = measure(args, mode, trainer, prompts, valid, trainer.step)
     finally:
         trainer.close()
-    metrics = dict(mode=mode, seed=args.seed, steps=trainer.step, overall_ppl=ev["overall"],
-                   per_task_ppl={names[k]: v for k, v in ev["per_task"].items()},
-                   target_tokens={names[k]: v for k, v in ev["tokens"].items()},
-                   routing_top1={names[k]: v for k, v in routing.items()},
-                   config={k: v for k, v in vars(args).items() if not callable(v)})
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     return metrics
@@ -93,7 +107,7 @@ def run(args, mode, out, resume=False, backbone=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
-    ap.add_argument("--mode", choices=("mops", "single"), default="mops")
+    ap.add_argument("--mode", choices=MODES, default="mops")
     ap.add_argument("--out", required=True)
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)

@@ -133,3 +133,35 @@ def test_iapt_prompt_source_trains_on_the_instruction_only():
     tr.train()
     assert all(not torch.equal(before[n_], p) for n_, p in gen.named_parameters())
     assert tr.evaluate(_items(6, seed=5))["overall"] > 1
+
+
+def test_save_prompts_iapt_round_trip(tmp_path):
+    from mops_kernels.training.trainer import load_iapt, save_prompts
+    model, _ = load_backbone(config=dict(CFG))
+    gen = build_prompts(model, "iapt", seed=3, **KW)
+    save_prompts(gen, str(tmp_path))
+    back = load_iapt(str(tmp_path))
+    assert back.inject_layers == gen.inject_layers and back.bottleneck == gen.bottleneck
+    for (n, a), (_, b) in zip(gen.named_parameters(), back.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_load_shipped(tmp_path, monkeypatch):
+    import json
+    from mops_kernels.training import shipped
+    paths = {k: str(tmp_path / f"mops_{k}") for k in ("bank", "gate", "meta")}
+    monkeypatch.setattr(shipped, "SHIPPED", paths)
+    model, _ = load_backbone(config=dict(CFG))
+    assert shipped.load_shipped(model) is None                  # nothing shipped: None, no error
+    prompts = build_prompts(model, "mops", seed=4, **KW)
+    prompts.bank.save(paths["bank"])
+    prompts.gate.save(paths["gate"])
+    with open(paths["meta"], "w") as f:
+        json.dump({"inject_from": prompts.inject_from, "tasks": ["a", "b", "c"]}, f)
+    got = shipped.load_shipped(model)
+    assert got.inject_from == prompts.inject_from and got.gate.gate_layer == KW["gate_layer"]
+    for (n, a), (_, b) in zip(prompts.named_parameters(), got.named_parameters()):
+        assert torch.equal(a, b), n
+    other, _ = load_backbone(config=dict(CFG, num_hidden_layers=5))
+    with pytest.raises(ValueError):
+        shipped.load_shipped(other)

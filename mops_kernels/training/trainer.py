@@ -88,6 +88,27 @@ def build_prompts(model, mode: str, *, num_experts: int = 4, prompt_len: int = 8
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def save_prompts(prompts, directory: str) -> None:
+    """MixtureOfPrompts.save for bank/gate; an IAPT generator goes to directory/iapt.safetensors
+    (its constructor arguments in the metadata: load_iapt reads it back)."""
+    if not isinstance(prompts, InstructionPromptGenerator):
+        prompts.save(directory)
+        return
+    from ..modules.prompts import _save_tensors
+    os.makedirs(directory, exist_ok=True)
+    _save_tensors(os.path.join(directory, "iapt.safetensors"), dict(prompts.state_dict()),
+                  dict(hidden_size=prompts.hidden_size, num_layers=prompts.num_layers,
+                       inject_layers=list(prompts.inject_layers), bottleneck=prompts.bottleneck))
+
+
+def load_iapt(directory: str, device=None) -> InstructionPromptGenerator:
+    from ..modules.prompts import _load_tensors
+    tensors, cfg = _load_tensors(os.path.join(directory, "iapt.safetensors"), device)
+    gen = InstructionPromptGenerator(**cfg)
+    gen.load_state_dict(tensors)
+    return gen.to(device) if device is not None else gen
+
+
 class _StopAfterGateLayer(Exception):
     pass
 
