@@ -384,14 +384,19 @@ def _window_oracle(q, k, v, pk, pv, idx, w, lens, mask, window, scale):
     return p @ torch.cat([PV, V], 2)
 
 
-@pytest.mark.parametrize("T, S, n, window", [(13, 13, 13, 5),    # prefill longer than the window
-                                              (1, 20, 16, 5),     # decode in a static buffer
-                                              (4, 20, 16, 5),     # continued prefill, static buffer
-                                              (6, 11, 6, 20)])    # window wider than the keys
-def test_attention_window_and_static_buffer_match_oracle(T, S, n, window):
+@pytest.mark.parametrize("T, S, n, window, backend", [
+    (13, 13, 13, 5, None),       # prefill longer than the window
+    (1, 20, 16, 5, None),        # decode in a static buffer
+    (4, 20, 16, 5, None),        # continued prefill, static buffer
+    (6, 11, 6, 20, None),        # window wider than the keys
+    (13, 13, 13, 5, "triton"),   # the Triton kernels on the overlapping window views (interpreter)
+    (4, 20, 16, 5, "triton")])
+def test_attention_window_and_static_buffer_match_oracle(T, S, n, window, backend, force_backend):
     """mops_attention_forward itself: keys past the mask length ignored, per-query window, slots
     visible to every query; values and gradients against a float64 oracle."""
     from types import SimpleNamespace
+    if backend is not None:
+        force_backend(backend)
     from mops_kernels.integrations.attention import PrefixRouting, mops_attention_forward
     g = torch.Generator().manual_seed(7)
     B, Hq, Hkv, D, E, P = 3, 6, 2, 16, 5, 7
