@@ -97,3 +97,17 @@ def test_encode_collate_masks_the_instruction():
     assert b["attention_mask"].sum().item() == 16
     assert b["task"].tolist() == [2, 0]
     assert torch.equal(b["labels"][1, 1:], b["input_ids"][1, 1:])
+
+
+def test_byte_tokenizer_for_backbones_without_one():
+    from mops_kernels.training.data import ByteTokenizer, collate, encode
+    tok = ByteTokenizer(97)
+    ids = tok("héllo")["input_ids"]
+    assert len(ids) == len("héllo".encode("utf-8")) and all(1 <= i < 97 for i in ids)
+    assert tok("a")["input_ids"] != tok("b")["input_ids"]
+    it = encode(tok, {"input": "2+2 =", "target": "4", "label": 3}, max_len=16)
+    assert it["ids"] == tok("2+2 =")["input_ids"] + tok(" 4")["input_ids"] and it["n_input"] == 5
+    b = collate([it], tok.pad_token_id)
+    assert b["labels"][0].tolist() == [-100] * 5 + tok(" 4")["input_ids"] and int(b["task"][0]) == 3
+    with pytest.raises(ValueError):
+        ByteTokenizer(1)
