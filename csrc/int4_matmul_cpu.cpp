@@ -7,8 +7,13 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "int4_matmul_cpu_kernel.h"
 #include "ops.h"
@@ -17,6 +22,14 @@ namespace mops {
 namespace {
 
 constexpr int64_t kMaxGemvM = 16;
+
+// GEMV calls with fewer multiply-adds (M * N * K) than this run on the calling thread alone: below
+// it a helper's share is shorter than what it costs to hand it over.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+// Output rows per chunk handed to a thread: ~32k weights (a few us), a multiple of 4 (the M = 1
+// kernel's step), so a thread preempted inside a chunk holds up the caller for little.
+int64_t chunk_rows(int64_t K) { return std::max<int64_t>(4, ((int64_t{1} << 15) / K + 3) / 4 * 4); }
 
 // Rows of W per dequantized tile: ~1 MiB of fp32, so a tile stays in L2 while BLAS reads it.
 int64_t tile_rows(int64_t K) { return std::max<int64_t>(64, (int64_t{1} << 18) / K); }
@@ -71,59 +84,155 @@ int64_t rows_per_pass(int64_t K) {
   return std::min<int64_t>(kMaxGemvM, std::max<int64_t>(4, rows));
 }
 
-// f(b, e) over [0, n) in chunks of `grain`: the calling thread and helpers from the inter-op pool
-// (up to at::get_num_threads() in all) take chunks from a shared counter, and the caller waits only
-// for chunks a helper has claimed, never for a helper that has not started. Why not parallel_for:
-// its barrier waits for every worker, and on a loaded machine a worker with no free core costs a
-// scheduler slice (measured here: batch-1 1536x576 took 12 ms instead of 0.1 ms under load 5).
+// Helper threads for the GEMV kernels. A decode step makes hundreds of calls of 10-100 us each, so
+// what matters is how fast a helper joins: at::launch (the inter-op pool) wakes a sleeping thread
+// through a condition variable (several us, often more than the helper's share of the work), and
+// at::parallel_for's barrier waits for every worker, which on a loaded machine costs a scheduler
+// slice when a worker has no free core (measured by the previous version: batch-1 1536x576 took
+// 12 ms instead of 0.1 ms under load 5). So: own helpers that spin (with pause) for kSpinUs after
+// their last job and then sleep; the caller publishes a job, takes chunks from a shared counter
+// itself, and waits only for chunks a helper has claimed, never for a helper that has not started.
+// Helpers are detached and the pool is never destroyed (no joins at exit; after a fork the child
+// has no helpers and simply runs every chunk itself).
+constexpr int64_t kSpinUs = 300;
+
+struct Job {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0, grain = 1, chunks = 0;
+  std::function<void(int64_t, int64_t)> f;  // called only for a claimed chunk, while the caller waits
+
+  void work() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      f(c * grain, std::min(n, (c + 1) * grain));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+class HelperPool {
+ public:
+  static HelperPool& get() {
+    static HelperPool* pool = new HelperPool();  // never destroyed: helpers may outlive main()
+    return *pool;
+  }
+
+  // Runs f over [0, n) in chunks of `grain` with up to `threads` threads (the caller included).
+  template <typename F>
+  void run(int64_t n, int64_t grain, int threads, const F& f) {
+    auto job = std::make_shared<Job>();
+    job->n = n;
+    job->grain = grain;
+    job->chunks = (n + grain - 1) / grain;
+    job->f = [&f](int64_t b, int64_t e) { f(b, e); };
+    const int helpers = (int)std::min<int64_t>(threads, job->chunks) - 1;
+    if (helpers > 0) {
+      start(helpers);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        job_ = job;
+        want_ = helpers;
+        gen_.fetch_add(1, std::memory_order_release);
+      }
+      if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    }
+    job->work();
+    while (job->done.load(std::memory_order_acquire) < job->chunks) cpu_relax();
+    if (helpers > 0) {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (job_ == job) job_.reset();  // late helpers find no job (or an exhausted one)
+    }
+  }
+
+ private:
+  static void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  void start(int helpers) {
+    std::lock_guard<std::mutex> lk(start_mu_);
+    while (started_ < helpers) {
+      std::thread([this] { loop(); }).detach();
+      ++started_;
+    }
+  }
+
+  void loop() {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      // spin for kSpinUs, then sleep until the next job
+      auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; gen_.load(std::memory_order_acquire) == seen; ++i) {
+        cpu_relax();
+        if ((i & 255) == 255 &&
+            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(kSpinUs)) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleepers_.fetch_add(1, std::memory_order_acq_rel);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+          break;
+        }
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        seen = gen_.load(std::memory_order_acquire);
+        if (want_ > 0) {  // the job asked for this many helpers
+          --want_;
+          job = job_;
+        }
+      }
+      if (job) job->work();
+    }
+  }
+
+  std::mutex mu_, start_mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> sleepers_{0};
+  std::shared_ptr<Job> job_;
+  int want_ = 0;
+  int started_ = 0;
+};
+
+// f(b, e) over [0, n) in chunks of `grain` on the caller plus helpers (up to at::get_num_threads()
+// in all; serial inside another parallel region or when `work` is too small to share).
 // f must not throw (the raw kernels do not) and must write disjoint outputs per chunk.
 template <typename F>
-void parallel_chunks(int64_t n, int64_t grain, const F& f) {
-  const int64_t chunks = (n + grain - 1) / grain;
-  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), chunks) - 1;
-  if (helpers <= 0 || at::in_parallel_region()) {
+void parallel_chunks(int64_t n, int64_t grain, int64_t work, const F& f) {
+  const int threads = at::get_num_threads();
+  if (threads <= 1 || n <= grain || work < kMinParallelWork || at::in_parallel_region()) {
     f(0, n);
     return;
   }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto st = std::make_shared<State>();
-  const F* fp = &f;  // dereferenced only for a claimed chunk, while the caller is still waiting
-  auto work = [st, fp, n, grain, chunks]() {
-    for (int64_t c; (c = st->next.fetch_add(1)) < chunks;) {
-      (*fp)(c * grain, std::min(n, (c + 1) * grain));
-      st->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) at::launch(work);
-  work();
-  while (st->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  HelperPool::get().run(n, grain, threads, f);
 }
 
 void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s, const uint16_t* mn,
              float* y, int64_t M, int64_t N, int64_t K, int64_t G) {
   const int64_t ng = K / G;
   const int64_t pass = rows_per_pass(K);
-  // grain: 64 rows per chunk amortise the claim; small enough that threads share the work.
-  parallel_chunks(N, 64, [&](int64_t b, int64_t e) {
+  parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
     if (M == 1) {
-      const int64_t mid = b + (e - b) / 2 * 2;  // pairs of rows, then the odd one out
-      int4cpu::q4_rows<2, 1, 1>(xp, xsum, q, s, mn, y, M, N, K, G, b, mid);
-      int4cpu::q4_rows<1, 1, 1>(xp, xsum, q, s, mn, y, M, N, K, G, mid, e);
+      const int64_t mid = b + (e - b) / 4 * 4;  // 4 rows per step, then the rest one by one
+      int4cpu::q4_gemv1<4>(xp, xsum, q, s, mn, y, K, G, b, mid);
+      int4cpu::q4_gemv1<1>(xp, xsum, q, s, mn, y, K, G, mid, e);
       return;
     }
     for (int64_t m0 = 0; m0 < M; m0 += pass)  // xp / xsum are zero-padded to a multiple of 4 rows
-      int4cpu::q4_rows<1, 4, kMaxGemvM>(xp + m0 * K, xsum + m0 * ng, q, s, mn, y + m0 * N,
-                                        std::min(pass, M - m0), N, K, G, b, e);
+      int4cpu::q4_rows<4, kMaxGemvM>(xp + m0 * K, xsum + m0 * ng, q, s, mn, y + m0 * N,
+                                     std::min(pass, M - m0), N, K, G, b, e);
   });
 }
 
 void gemv_q8(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M, int64_t N,
              int64_t K, int64_t G) {
   const int64_t pass = rows_per_pass(K);
-  parallel_chunks(N, 64, [&](int64_t b, int64_t e) {
+  parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
     for (int64_t m0 = 0; m0 < M; m0 += pass) {
       const int64_t mm = std::min(pass, M - m0);
       if (mm == 1)
@@ -155,18 +264,24 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   if (M == 0) return at::empty({0, N}, x.options());
 
   if (M <= kMaxGemvM) {
+    // x in the kernels' order (+ per-group sums) in a per-thread scratch buffer: two tensor
+    // allocations per call cost ~1 us, a tenth of a small decode GEMV.
     const int64_t Mpad = (M + 3) / 4 * 4;  // the 4-bit kernel runs rows of x in tiles of 4
-    at::Tensor xp = at::zeros({Mpad, K}, xf.options());
-    at::Tensor xsum = at::zeros({Mpad, K / group_size}, xf.options());
-    int4cpu::prepare_x(xf.data_ptr<float>(), xp.data_ptr<float>(), xsum.data_ptr<float>(), M, K,
-                       group_size, (int)bits);
+    const int64_t ng = K / group_size;
+    thread_local std::vector<float> scratch;
+    scratch.resize(Mpad * (K + ng));
+    float* xp = scratch.data();
+    float* xsum = xp + Mpad * K;
+    std::fill(xp + M * K, xp + Mpad * K, 0.f);  // padding rows: zeros
+    std::fill(xsum + M * ng, xsum + Mpad * ng, 0.f);
+    int4cpu::prepare_x(xf.data_ptr<float>(), xp, xsum, M, K, group_size, (int)bits);
     at::Tensor y = at::empty({M, N}, xf.options());
     if (bits == 4)
-      gemv_q4(xp.data_ptr<float>(), xsum.data_ptr<float>(), qweight.data_ptr<uint8_t>(),
-              half_ptr(scale), mn, y.data_ptr<float>(), M, N, K, group_size);
+      gemv_q4(xp, xsum, qweight.data_ptr<uint8_t>(), half_ptr(scale), mn, y.data_ptr<float>(), M, N,
+              K, group_size);
     else
-      gemv_q8(xp.data_ptr<float>(), qweight.data_ptr<int8_t>(), half_ptr(scale), y.data_ptr<float>(),
-              M, N, K, group_size);
+      gemv_q8(xp, qweight.data_ptr<int8_t>(), half_ptr(scale), y.data_ptr<float>(), M, N, K,
+              group_size);
     return y.to(x.scalar_type());
   }
 

@@ -7,13 +7,17 @@
 //   8-bit (Q8_0): W[n, c] = q * s[n, g]               q int8, G = 32
 //
 // Layout trick for 4-bit: a 32-byte load holds 64 columns as 8 little-endian 32-bit words; word j
-// carries columns 8j..8j+7 as its nibbles 0..7. `(word >> 4e) & 15` for e = 0..7 gives 8 vectors of
-// codes with no cross-lane shuffle (shift, and, convert: ports every core has plenty of), and the
-// glue permutes x once per call to the same order (xp[64b + 8e + j] = x[64b + 8j + e]). A trailing
-// 32-column block (K % 64 == 32) keeps x's natural order and runs a scalar loop.
+// carries columns 8j..8j+7 as its nibbles 0..7. For nibble pair k (positions 2k, 2k+1), t = v >> 8k
+// gives (t & 0x0f) = q[2k] and (t & 0xf0) = 16 q[2k+1] in every 32-bit lane: no cross-lane shuffle,
+// and 8 codes cost one and + one int->float convert (+ half a shift). The glue permutes x once per
+// call to the same order and divides the odd positions by 16 (exact in fp32):
+//   xp[64b + 8e + j] = x[64b + 8j + e] * (e odd ? 1/16 : 1).
+// A trailing 32-column block (K % 64 == 32) keeps x's natural order and runs a scalar loop.
 //
-// Each decoded 64-column chunk is reused for all M (<= 16) rows of x before the next one is read;
-// for M = 1 two weight rows are decoded per step (independent FMA chains, shared x loads).
+// M = 1 (decode): 4 weight rows per step, two FMA chains per row (even / odd positions), so 8
+// independent chains hide the FMA latency and each x load serves 4 rows; the group scale is applied
+// once per 64-column chunk to the partial dot product. M = 2..16: each decoded chunk is reused for
+// all M rows of x (tiles of 4 rows) before the next one is read.
 // AVX2 + FMA + F16C intrinsics when compiled with them (-march=native), else a scalar fallback.
 #pragma once
 
@@ -57,6 +61,18 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
+// c / G for the group index of column c: a shift when G is a power of two (it always is for
+// 32/64/128), since a 64-bit division per 64-column chunk costs as much as the chunk's FMAs.
+struct GroupOf {
+  int64_t G;
+  int sh;
+  explicit GroupOf(int64_t g) : G(g), sh(-1) {
+    if ((g & (g - 1)) == 0)
+      for (sh = 0; (int64_t{1} << sh) < g; ++sh) {}
+  }
+  int64_t operator()(int64_t c) const { return sh >= 0 ? c >> sh : c / G; }
+};
+
 // xp [M, K]: x with every 32-column block permuted to [even | odd] (4-bit), or a copy (8-bit).
 // xsum [M, K/G]: per-group sums of x (4-bit only; may be null for 8-bit).
 inline void prepare_x(const float* x, float* xp, float* xsum, int64_t M, int64_t K, int64_t G,
@@ -68,7 +84,7 @@ inline void prepare_x(const float* x, float* xp, float* xsum, int64_t M, int64_t
       const int64_t K64 = K - K % 64;
       for (int64_t b = 0; b < K64; b += 64)
         for (int e = 0; e < 8; ++e)
-          for (int j = 0; j < 8; ++j) pr[b + 8 * e + j] = xr[b + 8 * j + e];
+          for (int j = 0; j < 8; ++j) pr[b + 8 * e + j] = xr[b + 8 * j + e] * (e % 2 ? 0.0625f : 1.f);
       for (int64_t c = K64; c < K; ++c) pr[c] = xr[c];
       for (int64_t g = 0; g < K / G; ++g) {
         float s = 0.f;
@@ -106,10 +122,100 @@ inline float dot_half_float(const uint16_t* h, const float* f, int64_t n) {
 }
 
 // ---- 4-bit ------------------------------------------------------------------------------------
-// Rows n in [n0, n1) of y [M, N] (fp32). qw: K/2 bytes per row; scale, mins: fp16 bits [N, K/G].
-// ROWS weight rows per step (2 for M = 1). Rows of x go in tiles of MT (1 or 4) whose dot products
-// are independent FMA chains; xp and xsum hold M rounded up to MT rows (zero padded), MAXM >= that.
-template <int ROWS, int MT, int MAXM>
+// Decoding a 64-column chunk (32 bytes = 8 words v): pair k = 0..3 of nibble positions (2k, 2k+1)
+// comes from t = v >> 8k as  (t & 0x0f) = q[2k]  and  (t & 0xf0) = 16 q[2k+1]; the factor 16 is
+// taken out of x (prepare_x stores x / 16 at odd nibble positions, exact in fp32). So 8 codes cost
+// one and + one convert, plus one shift per 16 codes, and one FMA with x.
+
+// Scalar fallback: the 64-column chunks c < K64 of one weight row, x in prepare_x's order.
+inline float q4_dot_scalar(const float* xp, const uint8_t* row, const uint16_t* srow, int64_t K64,
+                           int64_t G) {
+  const GroupOf gof(G);
+  float acc = 0.f;
+  for (int64_t c = 0; c < K64; c += 64) {
+    float d[2] = {0.f, 0.f};  // columns c..c+31 (words j < 4) / c+32..c+63 (words j >= 4)
+    for (int e = 0; e < 8; ++e)  // nibble e of little-endian word j = byte 4j + e/2
+      for (int j = 0; j < 8; ++j)
+        d[j / 4] += (float)(row[c / 2 + 4 * j + e / 2] & (e % 2 ? 0xf0 : 0x0f)) * xp[c + 8 * e + j];
+    acc += d[0] * half_to_float(srow[gof(c)]) + d[1] * half_to_float(srow[gof(c + 32)]);
+  }
+  return acc;
+}
+
+// The scalar part of rows n..n+ROWS-1: the min terms sum_g mn[g] * xsum[g] plus the trailing
+// 32-column block (K % 64 == 32, x in natural order there), one value per (row, row of x).
+template <int ROWS, int MAXM>
+inline void q4_tail(const float* xp, const float* xsum, const uint8_t* qw, const uint16_t* scale,
+                    const uint16_t* mins, int64_t K, int64_t G, int64_t n, int mm,
+                    float (&tail)[ROWS][MAXM]) {
+  const int64_t ng = K / G;
+  const int64_t K64 = K - K % 64;
+  for (int r = 0; r < ROWS; ++r)
+    for (int m = 0; m < mm; ++m) {
+      float t = 0.f;
+      if (K64 < K) {
+        const uint8_t* row = qw + (n + r) * (K / 2) + K64 / 2;
+        const float* xr = xp + m * K + K64;
+        float d = 0.f;
+        for (int i = 0; i < 16; ++i)
+          d += (float)(row[i] & 0x0f) * xr[2 * i] + (float)(row[i] >> 4) * xr[2 * i + 1];
+        t = d * half_to_float(scale[(n + r) * ng + K64 / G]);
+      }
+      tail[r][m] = t + dot_half_float(mins + (n + r) * ng, xsum + m * ng, ng);
+    }
+}
+
+#ifdef MOPS_INT4_AVX2
+// The scales of one 64-column chunk as 8 lanes: lanes 0..3 scale columns c..c+31 (their partial
+// dot products are lanes 0..3 of the accumulators), lanes 4..7 columns c+32..c+63.
+inline __m256 chunk_scale(const uint16_t* srow, int64_t c, const GroupOf& gof) {
+  return _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_set1_epi16((short)srow[gof(c)]),
+                                            _mm_set1_epi16((short)srow[gof(c + 32)])));
+}
+#endif
+
+// M = 1: rows n in [n0, n1) of y [N], ROWS weight rows per step (independent FMA chains sharing the
+// x loads; two chains per row, even / odd nibble positions, so 2 * ROWS chains hide the FMA latency).
+template <int ROWS>
+void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint16_t* scale,
+              const uint16_t* mins, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1) {
+  const int64_t ng = K / G;
+  const int64_t K64 = K - K % 64;
+  const GroupOf gof(G);
+  for (int64_t n = n0; n + ROWS <= n1; n += ROWS) {
+    float tail[ROWS][1];
+    q4_tail<ROWS, 1>(xp, xsum, qw, scale, mins, K, G, n, 1, tail);
+#ifdef MOPS_INT4_AVX2
+    const __m256i lo = _mm256_set1_epi32(0x0f), hi = _mm256_set1_epi32(0xf0);
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < K64; c += 64) {
+      __m256 d0[ROWS], d1[ROWS];
+      for (int k = 0; k < 4; ++k) {
+        const __m256 x0 = _mm256_loadu_ps(xp + c + 16 * k), x1 = _mm256_loadu_ps(xp + c + 16 * k + 8);
+        for (int r = 0; r < ROWS; ++r) {
+          __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (n + r) * (K / 2) + c / 2));
+          if (k) t = _mm256_srli_epi32(t, 8 * k);
+          const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(t, lo));
+          const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(t, hi));
+          d0[r] = k ? _mm256_fmadd_ps(w0, x0, d0[r]) : _mm256_mul_ps(w0, x0);
+          d1[r] = k ? _mm256_fmadd_ps(w1, x1, d1[r]) : _mm256_mul_ps(w1, x1);
+        }
+      }
+      for (int r = 0; r < ROWS; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0[r], d1[r]), chunk_scale(scale + (n + r) * ng, c, gof), acc[r]);
+    }
+    for (int r = 0; r < ROWS; ++r) y[n + r] = hsum256(acc[r]) + tail[r][0];
+#else
+    for (int r = 0; r < ROWS; ++r) y[n + r] = q4_dot_scalar(xp, qw + (n + r) * (K / 2), scale + (n + r) * ng, K64, G) + tail[r][0];
+#endif
+  }
+}
+
+// M > 1: rows n in [n0, n1) of y [M, N], rows of x in tiles of MT (1 or 4) whose dot products are
+// independent FMA chains; each 64-column chunk is decoded once into registers and reused for all M
+// rows. xp and xsum hold M rounded up to MT rows (zero padded), MAXM >= that.
+template <int MT, int MAXM>
 void q4_rows(const float* xp, const float* xsum, const uint8_t* qw, const uint16_t* scale,
              const uint16_t* mins, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
              int64_t n0, int64_t n1) {
@@ -117,81 +223,37 @@ void q4_rows(const float* xp, const float* xsum, const uint8_t* qw, const uint16
   const int64_t K64 = K - K % 64;
   const int mm = (int)(M < MAXM ? M : MAXM);
   const int mpad = (mm + MT - 1) / MT * MT;
-  for (int64_t n = n0; n + ROWS <= n1; n += ROWS) {
-    float tail[ROWS][MAXM];  // the trailing 32-column block and the min terms, in scalar
-    for (int r = 0; r < ROWS; ++r)
-      for (int m = 0; m < mm; ++m) {
-        float t = 0.f;
-        const uint8_t* row = qw + (n + r) * (K / 2);
-        if (K64 < K) {
-          const float* xr = xp + m * K + K64;
-          float d = 0.f;
-          for (int i = 0; i < 16; ++i)
-            d += (float)(row[K64 / 2 + i] & 0x0f) * xr[2 * i] + (float)(row[K64 / 2 + i] >> 4) * xr[2 * i + 1];
-          t += d * half_to_float(scale[(n + r) * ng + K64 / G]);
-        }
-        tail[r][m] = t + dot_half_float(mins + (n + r) * ng, xsum + m * ng, ng);
-      }
+  const GroupOf gof(G);
+  for (int64_t n = n0; n < n1; ++n) {
+    float tail[1][MAXM];
+    q4_tail<1, MAXM>(xp, xsum, qw, scale, mins, K, G, n, mm, tail);
+    const uint8_t* row = qw + n * (K / 2);
 #ifdef MOPS_INT4_AVX2
-    const __m256i mask = _mm256_set1_epi32(0x0f);
-    __m256 acc[ROWS][MAXM];
-    for (int r = 0; r < ROWS; ++r)
-      for (int m = 0; m < mpad; ++m) acc[r][m] = _mm256_setzero_ps();
+    const __m256i lo = _mm256_set1_epi32(0x0f), hi = _mm256_set1_epi32(0xf0);
+    __m256 acc[MAXM];
+    for (int m = 0; m < mpad; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t c = 0; c < K64; c += 64) {
-      __m256 w[ROWS][8];
-      __m256 sv[ROWS];
-      for (int r = 0; r < ROWS; ++r) {
-        const uint8_t* row = qw + (n + r) * (K / 2);
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
-        for (int e = 0; e < 8; ++e)
-          w[r][e] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * e), mask));
-        // lanes 0..3 hold columns c..c+31, lanes 4..7 columns c+32..c+63 (maybe the next group)
-        const uint16_t* sr = scale + (n + r) * ng;
-        sv[r] = _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_set1_epi16((short)sr[c / G]),
-                                                   _mm_set1_epi16((short)sr[(c + 32) / G])));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
+      __m256 w[8];
+      for (int k = 0; k < 4; ++k) {
+        const __m256i t = k ? _mm256_srli_epi32(v, 8 * k) : v;
+        w[2 * k] = _mm256_cvtepi32_ps(_mm256_and_si256(t, lo));
+        w[2 * k + 1] = _mm256_cvtepi32_ps(_mm256_and_si256(t, hi));
       }
+      const __m256 sv = chunk_scale(scale + n * ng, c, gof);
       for (int m0 = 0; m0 < mpad; m0 += MT) {
-        __m256 d[ROWS][MT];
-        for (int r = 0; r < ROWS; ++r)
-          for (int k = 0; k < MT; ++k) d[r][k] = _mm256_setzero_ps();
+        __m256 d[MT];
+        for (int k = 0; k < MT; ++k) d[k] = _mm256_setzero_ps();
         for (int e = 0; e < 8; ++e)
-          for (int k = 0; k < MT; ++k) {
-            const __m256 xv = _mm256_loadu_ps(xp + (m0 + k) * K + c + 8 * e);
-            for (int r = 0; r < ROWS; ++r) d[r][k] = _mm256_fmadd_ps(w[r][e], xv, d[r][k]);
-          }
-        for (int r = 0; r < ROWS; ++r)
-          for (int k = 0; k < MT; ++k) acc[r][m0 + k] = _mm256_fmadd_ps(d[r][k], sv[r], acc[r][m0 + k]);
+          for (int k = 0; k < MT; ++k)
+            d[k] = _mm256_fmadd_ps(w[e], _mm256_loadu_ps(xp + (m0 + k) * K + c + 8 * e), d[k]);
+        for (int k = 0; k < MT; ++k) acc[m0 + k] = _mm256_fmadd_ps(d[k], sv, acc[m0 + k]);
       }
     }
-    for (int r = 0; r < ROWS; ++r)
-      for (int m = 0; m < mm; ++m) y[m * N + n + r] = hsum256(acc[r][m]) + tail[r][m];
+    for (int m = 0; m < mm; ++m) y[m * N + n] = hsum256(acc[m]) + tail[0][m];
 #else
-    float acc[ROWS][MAXM];
-    for (int r = 0; r < ROWS; ++r)
-      for (int m = 0; m < mm; ++m) acc[r][m] = 0.f;
-    for (int64_t c = 0; c < K64; c += 64) {
-      float w[ROWS][64];
-      float sv[ROWS][2];
-      for (int r = 0; r < ROWS; ++r) {
-        const uint8_t* row = qw + (n + r) * (K / 2) + c / 2;
-        for (int e = 0; e < 8; ++e)
-          for (int j = 0; j < 8; ++j)  // nibble e of little-endian word j = byte 4j + e/2
-            w[r][8 * e + j] = (float)((row[4 * j + e / 2] >> (4 * (e % 2))) & 0x0f);
-        sv[r][0] = half_to_float(scale[(n + r) * ng + c / G]);
-        sv[r][1] = half_to_float(scale[(n + r) * ng + (c + 32) / G]);
-      }
-      for (int m = 0; m < mm; ++m) {
-        const float* xr = xp + m * K + c;
-        for (int r = 0; r < ROWS; ++r) {
-          float d0 = 0.f, d1 = 0.f;  // lanes 0..3 / 4..7 of each 8-vector: the two 32-column halves
-          for (int e = 0; e < 8; ++e)
-            for (int j = 0; j < 8; ++j) (j < 4 ? d0 : d1) += w[r][8 * e + j] * xr[8 * e + j];
-          acc[r][m] += d0 * sv[r][0] + d1 * sv[r][1];
-        }
-      }
-    }
-    for (int r = 0; r < ROWS; ++r)
-      for (int m = 0; m < mm; ++m) y[m * N + n + r] = acc[r][m] + tail[r][m];
+    for (int m = 0; m < mm; ++m)
+      y[m * N + n] = q4_dot_scalar(xp + m * K, row, scale + n * ng, K64, G) + tail[0][m];
 #endif
   }
 }
@@ -203,6 +265,7 @@ void q8_rows(const float* xp, const int8_t* qw, const uint16_t* scale, float* y,
              int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {
   const int64_t ng = K / G;
   const int mm = (int)(M < MAXM ? M : MAXM);
+  const GroupOf gof(G);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = qw + n * K;
 #ifdef MOPS_INT4_AVX2
@@ -215,7 +278,7 @@ void q8_rows(const float* xp, const int8_t* qw, const uint16_t* scale, float* y,
       const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8)));
       const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1));
       const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)));
-      const __m256 s = _mm256_set1_ps(half_to_float(scale[n * ng + c / G]));
+      const __m256 s = _mm256_set1_ps(half_to_float(scale[n * ng + gof(c)]));
       for (int m = 0; m < mm; ++m) {
         const float* xr = xp + m * K + c;
         __m256 d0 = _mm256_mul_ps(w0, _mm256_loadu_ps(xr));
@@ -232,7 +295,7 @@ void q8_rows(const float* xp, const int8_t* qw, const uint16_t* scale, float* y,
     for (int64_t c = 0; c < K; c += kChunk) {
       float w[kChunk];
       for (int i = 0; i < kChunk; ++i) w[i] = (float)row[c + i];
-      const float s = half_to_float(scale[n * ng + c / G]);
+      const float s = half_to_float(scale[n * ng + gof(c)]);
       for (int m = 0; m < mm; ++m) {
         const float* xr = xp + m * K + c;
         float d = 0.f;
