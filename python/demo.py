@@ -10,12 +10,16 @@ gate after layer 10, experts injected from layer 11): the gate picks experts per
 same forward pass, and the demo prints which ones and with what weight. Without --bank the bank
 and gate are untrained (random): the routing is real, the experts teach the model nothing yet.
 
-Tokens/s is measured on `generate()` (greedy): one warm-up call on the same prompts first, then
-the timed call; tokens counted are the new tokens actually produced per request (up to and
-including EOS), summed over the batch. "generate" divides them by the whole generate() time
-(prefill included); "decode" leaves out the first token of each request and the prefill time,
-measured as the median of 3 separate forwards over the same prompts. The baseline is
-transformers' own float32 model loaded from the same GGUF file, timed the same way.
+"Ours" answers the prompts through the serving Engine (mops_kernels.integrations.engine: static KV
+cache, the lean decode step with fused int4 q/k/v and gate/up matmuls), greedy, every request
+submitted at once without padding. The baseline is transformers' own float32 model loaded from the
+same GGUF file, answering the same prompts (left-padded) with `generate()` (greedy); the demo checks
+that both give the same tokens. Each side runs once on the same prompts as a warm-up (4 tokens),
+then the timed run; tokens counted are the new tokens actually produced per request (up to and
+including EOS), summed over the batch. "generate" divides them by the whole time (prefill
+included); "decode" leaves out the first token of each request and the prefill time: for the
+Engine the time until every request had its first token, for transformers the median of 3
+separate forwards over the same prompts.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import mops_kernels  # noqa: E402
 from mops_kernels import _backend  # noqa: E402
 from mops_kernels.integrations.backbone import EXAMPLE_PROMPTS as PROMPTS  # noqa: E402
 from mops_kernels.integrations.backbone import chat_batch, default_gguf_path  # noqa: E402
+from mops_kernels.integrations.engine import Engine  # noqa: E402
 
 
 def int4_backend():
@@ -92,6 +97,23 @@ def timed_generate(model, batch, max_new_tokens, pad_id, eos_id):
     return out, Speed(n, dt, sorted(prefill)[1], batch["input_ids"].shape[0])
 
 
+def timed_engine(model, batch, max_new_tokens, eos_id, prompts=None):
+    """The prompts of a (left-padded) batch through the Engine (with `prompts`: a MixtureOfPrompts whose
+    gate picks each request's experts) after a warm-up -> (tokens per request, Speed)."""
+    ids = [row[m.bool()] for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+    eng = Engine(model, prompts, max_batch=len(ids), max_len=max(x.numel() for x in ids) + max_new_tokens,
+                 eos_token_id=eos_id)
+    for x in ids:                                                     # warm-up
+        eng.submit(x, max_new_tokens=min(4, max_new_tokens))
+    eng.run_until_done()
+    t0 = time.perf_counter()
+    reqs = [eng.submit(x, max_new_tokens=max_new_tokens) for x in ids]
+    eng.run_until_done()
+    dt = time.perf_counter() - t0
+    prefill = max(r.t_tokens[0] for r in reqs) - t0                  # every request has its first token
+    return [r.tokens for r in reqs], Speed(sum(len(r.tokens) for r in reqs), dt, prefill, len(ids))
+
+
 def run_mops(model, tok, prompts, batch, args):
     """Attach a MixtureOfPrompts, let the gate route each request, print its experts and answer."""
     if args.bank:
@@ -104,21 +126,19 @@ def run_mops(model, tok, prompts, batch, args):
         label = "UNTRAINED bank and gate (random): real routing, no learned skill"
     chosen = []
     hook = mops.gate.register_forward_hook(lambda mod, inp, out: chosen.append(out))
-    mops_kernels.attach(model, mops)
     try:
-        out, speed = timed_generate(model, batch, args.max_new_tokens, tok.pad_token_id, tok.eos_token_id)
+        toks, speed = timed_engine(model, batch, args.max_new_tokens, tok.eos_token_id, prompts=mops)
     finally:
-        mops_kernels.detach(model)
         hook.remove()
-    idx, w = chosen[-1]        # the timed generate's prefill (the gate runs once per generate)
-    answers = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    idx, w = chosen[-1]        # the timed run's prefill: all requests together, in order
+    answers = [tok.decode(t, skip_special_tokens=True) for t in toks]
     print(f"\n== Mixture of Prompts: {mops.num_experts} experts x {mops.prompt_len} tokens, "
           f"top-{mops.top_k}, gate after layer {mops.gate_layer}, injected from layer {mops.inject_from}; "
           f"{label}")
     for i, (p, a) in enumerate(zip(prompts, answers)):
         experts = ", ".join(f"expert {int(e)} (w={float(x):.2f})" for e, x in zip(idx[i], w[i]))
         print(f"\n> {p}\n  gate chose: {experts}\n{a.strip()}")
-    print(speed.line("\nmops_kernels 4-bit + MoPs"))
+    print(speed.line("\nmops_kernels 4-bit + MoPs (Engine)"))
 
 
 def main(argv=None):
@@ -143,12 +163,12 @@ def main(argv=None):
     prompts = PROMPTS[:args.batch]
     batch = chat_batch(tok, prompts)
     eos = tok.eos_token_id
-    out, ours = timed_generate(model, batch, args.max_new_tokens, tok.pad_token_id, eos)
-    answers = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    for p, a in zip(prompts, answers):
-        print(f"\n> {p}\n{a.strip()}")
+    toks, ours = timed_engine(model, batch, args.max_new_tokens, eos)
+    for p, t in zip(prompts, toks):
+        print(f"\n> {p}\n{tok.decode(t, skip_special_tokens=True).strip()}")
     print(f"\nbatch {args.batch}, up to {args.max_new_tokens} new tokens per request")
-    print(ours.line("mops_kernels 4-bit"))
+    if args.no_baseline:
+        print(ours.line("mops_kernels 4-bit (Engine)"))
     if not args.no_mops:
         run_mops(model, tok, prompts, batch, args)
     if args.no_baseline:
@@ -159,10 +179,13 @@ def main(argv=None):
     ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                dtype=torch.float32).eval()
     ref_out, base = timed_generate(ref, batch, args.max_new_tokens, tok.pad_token_id, eos)
-    print(base.line("transformers fp32 "))
+    T = batch["input_ids"].shape[1]
+    ref_toks = [row[:n] for row, n in zip(ref_out[:, T:].tolist(), new_tokens(ref_out, T, eos))]
+    print(ours.line("mops_kernels 4-bit (Engine)"))
+    print(base.line("transformers fp32 generate()"))
     print(f"speed-up: {ours.generate_tps / base.generate_tps:.2f}x generate, "
           f"{ours.decode_tps / base.decode_tps:.2f}x decode; "
-          f"same tokens as transformers: {torch.equal(out, ref_out)}")
+          f"same tokens as transformers: {toks == ref_toks}")
 
 
 if __name__ == "__main__":

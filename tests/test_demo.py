@@ -19,4 +19,4 @@ def test_demo_runs_and_reports_routing_and_speed():
     out = p.stdout
     assert out.count("gate chose: expert") == 2, out
     assert "UNTRAINED" in out
-    assert "mops_kernels 4-bit:" in out and "tok/s decode" in out
+    assert "mops_kernels 4-bit (Engine):" in out and "tok/s decode" in out
