@@ -4,6 +4,7 @@
     python python/serve.py --prompts prompts.txt --experts 0,3 --max-new-tokens 32
     python python/serve.py --mops saved_mops/              # a MixtureOfPrompts saved with .save()
     python python/serve.py --peft adapter_a/ adapter_b/    # PEFT prefix-tuning adapters as slots
+    python python/serve.py --sample --temperature 0.7 --top-p 0.9 --seed 1   # sampling (request i: seed+i)
 
 Requests join the running batch as slots free up (continuous batching); every token is printed as
 it is produced, tagged with its request, then time to first token and per-token latency.
@@ -50,6 +51,11 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None, help="request i samples with seed + i")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -78,8 +84,10 @@ def main():
     def on_token(req, tok_id):
         print(f"[r{req.id}] {tok.decode([tok_id])!r}", flush=True)
 
-    reqs = [eng.submit(e, expert_index=experts, max_new_tokens=args.max_new_tokens, on_token=on_token)
-            for e in encoded]
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    reqs = [eng.submit(e, expert_index=experts, max_new_tokens=args.max_new_tokens, on_token=on_token,
+                       seed=None if args.seed is None else args.seed + i, **sampling)
+            for i, e in enumerate(encoded)]
     t1 = time.perf_counter()
     eng.run_until_done()
     wall = time.perf_counter() - t1
