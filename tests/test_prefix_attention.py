@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import available_backends, requires_cuda
+from test_gate_topk import HAS_NVIDIA_BACKEND, compile_for_sm90
 from utils import rel_err, tol_ok
 
 from mops_kernels import _backend
@@ -436,3 +437,21 @@ def test_unsupported_head_dim_falls_back_once(monkeypatch, caplog):
     monkeypatch.setenv("MOPS_BACKEND", "triton")
     with pytest.raises(_backend.BackendUnavailable, match="triton"):
         prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am)
+
+
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs Triton's NVIDIA backend (ptxas)")
+def test_dkv_kernel_with_causal_skipping_compiles_for_sm90():
+    """The dk/dv pass (nested loops with data-dependent bounds) is valid for a real GPU."""
+    from mops_kernels.ops import _prefix_attention_triton as TR
+
+    def arg_type(n):
+        if n in ("Q", "K", "V", "PK", "PV", "DO"):
+            return "*fp16"
+        if n in ("IDX", "LENS", "MASK"):
+            return "*i32" if n != "MASK" else "*i8"
+        if n in ("W", "LSE", "DELTA", "DK", "DV", "DPK", "DPV"):
+            return "*fp32"
+        return "fp32" if n in ("qk_scale", "sm_scale") else "i32"
+    compile_for_sm90(TR._prefix_attention_bwd_dkv_kernel, arg_type,
+                     dict(HAS_W=True, HAS_LENS=True, HAS_MASK=True, CAUSAL=True, BLOCK_M=64,
+                          BLOCK_N=64, BLOCK_D=64, DOT_PREC=None, UPCAST=False))
