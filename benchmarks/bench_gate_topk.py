@@ -4,7 +4,11 @@
     python benchmarks/bench_gate_topk.py --quick    # small CPU set (Triton under TRITON_INTERPRET=1)
 
 Bytes moved (the roofline for a memory-bound op): hidden B*T*d*elt + mask + w1, w2 in fp32 + the
-[B, k] outputs. Forward rows by default; --backward adds forward+backward rows (training the gate).
+[B, k] outputs. Forward rows by default; --backward adds forward+backward rows (training the gate:
+ours is the Triton forward + the Triton backward, d hidden and d w1, b1, w2, b2).
+Every shape is first checked once against the reference (indices, weights, and the gradients with
+--backward). On the CPU the Triton kernels run in the interpreter, so they are checked but not
+timed there: CPU rows are the torch reference only.
 """
 import argparse
 import os
@@ -32,6 +36,25 @@ def setup(doc: str, extra_flags=()):
     return args
 
 
+def check(ours, ref, hidden, mask, params, k, g, backward, shapes):
+    """One untimed run of ours against the reference: same indices, weights and gradients (of
+    the params, and of hidden in fp32) within 1e-4, else raise."""
+    hid = hidden.float().requires_grad_(backward)
+    (idx, w), (ridx, rw) = ours(hid, mask, *params, k), ref(hid, mask, *params, k)
+    errs = {"weights": ((w - rw).norm() / rw.norm()).item()}
+    if not torch.equal(idx, ridx):
+        raise AssertionError(f"gate_topk {shapes}: indices differ from the reference")
+    if backward:
+        leaves = [hid, *params]
+        for name, a, b in zip(("hidden", "w1", "b1", "w2", "b2"),
+                              torch.autograd.grad((w * g).sum(), leaves),
+                              torch.autograd.grad((rw * g).sum(), leaves)):
+            errs[name] = ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+    if max(errs.values()) > 1e-4:
+        raise AssertionError(f"gate_topk {shapes}: rel. errors vs the reference {errs}")
+    print(f"checked {shapes}: max rel. error {max(errs.values()):.2e} ({', '.join(errs)})")
+
+
 def main():
     args = setup(__doc__, [("--backward", "also time forward + backward")])
     from harness import Bench
@@ -44,7 +67,11 @@ def main():
     else:
         Bs, Es, T, d, h, k, dtype = (1, 4, 16, 64, 256), (8, 16, 64), 128, 4096, 256, 2, torch.bfloat16
     reps = 5 if args.quick else 50
-    providers = {"torch (reference)": reference.gate_topk, "ours (triton)": gate_topk}
+    providers = {"torch (reference)": reference.gate_topk}
+    if device != "cpu":
+        providers["ours (triton)"] = gate_topk
+    else:
+        print("CPU: the Triton kernels run under TRITON_INTERPRET=1 here: checked, not timed")
     bench = Bench("gate_topk", device)
     dt = str(dtype).replace("torch.", "")
     for E in Es:
@@ -58,6 +85,7 @@ def main():
             nbytes = hidden.numel() * hidden.element_size() + mask.numel() * 4 + (h * d + E * h) * 4 + B * k * 8
             shapes = dict(B=B, T=T, d=d, h=h, E=E, k=k)
             g = torch.randn(B, k, device=device)
+            check(gate_topk, reference.gate_topk, hidden, mask, params, k, g, args.backward, shapes)
             for name, fn in providers.items():
                 with torch.no_grad():
                     bench.run(name, lambda: fn(hidden, mask, *params, k), shapes={**shapes, "run": "fwd"},
