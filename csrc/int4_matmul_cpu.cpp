@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -92,9 +93,13 @@ int64_t rows_per_pass(int64_t K) {
 // 12 ms instead of 0.1 ms under load 5). So: own helpers that spin (with pause) for kSpinUs after
 // their last job and then sleep; the caller publishes a job, takes chunks from a shared counter
 // itself, and waits only for chunks a helper has claimed, never for a helper that has not started.
+// On a machine whose cores are all taken by other processes (load average), and for a while after
+// a helper was preempted inside a chunk, the caller runs alone.
+// MOPS_INT4_CPU_HELPERS=0 never uses helpers, =1 always does (tests, benchmarks), unset: as above.
 // Helpers are detached and the pool is never destroyed (no joins at exit; after a fork the child
 // has no helpers and simply runs every chunk itself).
 constexpr int64_t kSpinUs = 300;
+constexpr int64_t kSlowWaitUs = 30;  // a chunk is a few us of work: a longer wait is a preempted helper
 
 struct Job {
   std::atomic<int64_t> next{0};
@@ -125,7 +130,15 @@ class HelperPool {
     job->grain = grain;
     job->chunks = (n + grain - 1) / grain;
     job->f = [&f](int64_t b, int64_t e) { f(b, e); };
-    const int helpers = (int)std::min<int64_t>(threads, job->chunks) - 1;
+    int helpers = (int)std::min<int64_t>(threads, job->chunks) - 1;
+    const char* mode = std::getenv("MOPS_INT4_CPU_HELPERS");  // "0": never, "1": always, else auto
+    const bool forced = mode && mode[0] == '1';
+    if (mode && mode[0] == '0') helpers = 0;
+    if (helpers > 0 && !forced && skip_.load(std::memory_order_relaxed) > 0) {  // backing off
+      skip_.fetch_sub(1, std::memory_order_relaxed);
+      helpers = 0;
+    }
+    if (helpers > 0 && !forced && machine_busy(threads)) helpers = 0;
     if (helpers > 0) {
       start(helpers);
       {
@@ -137,7 +150,20 @@ class HelperPool {
       if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
     }
     job->work();
-    while (job->done.load(std::memory_order_acquire) < job->chunks) cpu_relax();
+    if (job->done.load(std::memory_order_acquire) < job->chunks) {
+      // A helper still holds a chunk. If it was preempted (no free core: a loaded machine), this
+      // wait is a scheduler slice, not a chunk's few us: then run the next 2, 4, ... 1024 calls
+      // alone (their helpers fall asleep meanwhile), and go back to helpers on fast waits.
+      const auto t0 = std::chrono::steady_clock::now();
+      while (job->done.load(std::memory_order_acquire) < job->chunks) cpu_relax();
+      if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(kSlowWaitUs)) {
+        const int lv = std::min(level_.load(std::memory_order_relaxed) + 1, 10);
+        level_.store(lv, std::memory_order_relaxed);
+        skip_.store(1 << lv, std::memory_order_relaxed);
+      } else if (level_.load(std::memory_order_relaxed) > 0) {
+        level_.fetch_sub(1, std::memory_order_relaxed);
+      }
+    }
     if (helpers > 0) {
       std::lock_guard<std::mutex> lk(mu_);
       if (job_ == job) job_.reset();  // late helpers find no job (or an exhausted one)
@@ -151,6 +177,20 @@ class HelperPool {
 #else
     std::this_thread::yield();
 #endif
+  }
+
+  // True when the 1-minute load average says other processes keep every core busy (load >=
+  // threads + 1: our caller and spinning helpers count for `threads`): a helper would then mostly
+  // wait for a core, and its spinning would take time from the caller. Read every 100 ms.
+  bool machine_busy(int threads) {
+    const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::steady_clock::now().time_since_epoch()).count();
+    if (now - load_checked_ms_.load(std::memory_order_relaxed) >= 100) {
+      load_checked_ms_.store(now, std::memory_order_relaxed);
+      double load = 0.0;
+      busy_.store(getloadavg(&load, 1) == 1 && load >= threads + 1.0, std::memory_order_relaxed);
+    }
+    return busy_.load(std::memory_order_relaxed);
   }
 
   void start(int helpers) {
@@ -195,6 +235,9 @@ class HelperPool {
   std::atomic<uint64_t> gen_{0};
   std::atomic<int> sleepers_{0};
   std::shared_ptr<Job> job_;
+  std::atomic<int> skip_{0}, level_{0};  // calls left to run alone, and the back-off level
+  std::atomic<int64_t> load_checked_ms_{-1000};
+  std::atomic<bool> busy_{false};
   int want_ = 0;
   int started_ = 0;
 };

@@ -239,3 +239,45 @@ def test_quantized_weight_is_validated():
     qw = _case(4, 32, 576, 64)
     with pytest.raises(ValueError, match="scale must be"):
         QuantizedWeight(qw.qweight, qw.scale.float(), qw.min, qw.shape, 32, 4)
+
+
+# ---- the C++ CPU kernels' own paths: odd shapes, K = 1536, helpers on / off ------------------------
+CPU_ODD = [(4, 32, 576), (4, 32, 1536), (4, 64, 1536), (4, 128, 1536), (4, 32, 608), (8, 32, 576),
+           (8, 32, 1536)]                                                  # (bits, G, K)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the compiled extension")
+@pytest.mark.parametrize("bits,G,K", CPU_ODD)
+@pytest.mark.parametrize("N", [1, 7, 195])       # not multiples of the M = 1 kernel's 4-row step
+@pytest.mark.parametrize("M", [1, 3, 17])         # 4-row GEMV, tiled GEMV, dequantized tiles + BLAS
+@pytest.mark.parametrize("dtype,_tol", DTYPES[:1])
+def test_cpu_odd_shapes(force_backend, bits, G, K, N, M, dtype, _tol):
+    force_backend("cpu")
+    qw = _case(bits, G, K, N)
+    x = torch.randn(M, K).to(dtype)
+    x_before = x.clone()
+    _check_close(int4_matmul(x, qw), x, qw, dtype)
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the compiled extension")
+@pytest.mark.parametrize("bits,G,K,N", [(4, 32, 576, 1539), (4, 64, 1536, 579), (8, 32, 576, 3001)])
+@pytest.mark.parametrize("M", [1, 5])
+def test_cpu_helper_threads_change_nothing(force_backend, monkeypatch, bits, G, K, N, M):
+    """Chunks of output rows go to helper threads (MOPS_INT4_CPU_HELPERS=1 forces them even on a
+    loaded machine): every row is computed by the same code either way, so the bits are equal, and
+    repeated calls (helpers racing the caller for chunks) give the same result every time."""
+    force_backend("cpu")
+    qw = _case(bits, G, K, N)
+    x = torch.randn(M, K)
+    monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", "0")
+    alone = int4_matmul(x, qw)
+    _check_close(alone, x, qw, torch.float32)
+    monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", "1")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(prev, 2))
+    try:
+        for _ in range(20):
+            assert torch.equal(int4_matmul(x, qw), alone)
+    finally:
+        torch.set_num_threads(prev)
