@@ -115,9 +115,9 @@ def test_engine_smollm_matches_generate():
 
 
 # ------------------------------------------------------------------------------ the lean decode path
-def _int4_tiny(seed=0):
+def _int4_tiny(seed=0, family="llama"):
     from mops_kernels.modules.int4_linear import replace_linears
-    model = tiny_model(seed=seed)
+    model = tiny_model(family, seed=seed)
     replace_linears(model.model)            # q/k/v/o, gate/up/down as Q4_1, group 32 (K = 96, 160)
     return model
 
@@ -177,6 +177,22 @@ def test_engine_int4_steps_only_busy_rows_and_matches_generate(monkeypatch):
     eng.run_until_done()
     assert [n for n, _ in seen] == [2] + [2] * 5
     assert ra.tokens == _hf_alone(model, prompts[1], 2) and rb.tokens == _hf_alone(model, prompts[2], 7)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_engine_int4_families_match_generate(family):
+    """Qwen2's q/k/v biases ride along the fused int4 matmul; Mistral's layers share Llama's path."""
+    model = _int4_tiny(seed=4, family=family)
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.bias is not None) == (family == "qwen2")
+    eng = Engine(model, tiny_mops(model, with_gate=True), max_batch=2, max_len=40)
+    prompts = _prompts(3, seed=21)
+    reqs = [eng.submit(p, max_new_tokens=5) for p in prompts]
+    eng.run_until_done()
+    ref = copy.deepcopy(model)
+    attach(ref, tiny_mops(model, with_gate=True))
+    for p, r in zip(prompts, reqs):
+        assert r.tokens == _hf_alone(ref, p, 5)
 
 
 # ------------------------------------------------------------------------------------------ sampling
