@@ -261,3 +261,16 @@ def test_sampling_limits_are_greedy():
         eng.submit(p, max_new_tokens=4, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
         eng.submit(p, max_new_tokens=4, do_sample=True, top_p=1.5)
+
+
+@pytest.mark.parametrize("family,config", [
+    ("mistral", dict(sliding_window=8)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+])
+def test_engine_refuses_a_sliding_window_shorter_than_its_cache(family, config):
+    """The Engine attends to every cached token: a window it cannot apply must be refused, not ignored."""
+    model = tiny_model(family, **config)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+        Engine(model, max_batch=2, max_len=64)
+    Engine(model, max_batch=2, max_len=8)          # the window covers the whole cache: exact, accepted
+    Engine(tiny_model(family), max_batch=2, max_len=64)   # no window shorter than the cache

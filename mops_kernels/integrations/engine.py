@@ -36,6 +36,8 @@
 The prefill steps the model's own modules (input_layernorm, q/k/v/o_proj, the family's
 apply_rotary_pos_emb, post_attention_layernorm, mlp), found through hf.FAMILIES; the decode step reads
 the same modules' weights: one code path for Llama, Mistral and Qwen2.
+A sliding window (Mistral, Qwen2) shorter than `max_len` is refused at construction: the static cache
+attends to every cached token (attach() + generate() applies windows).
 """
 from __future__ import annotations
 
@@ -156,6 +158,13 @@ class _Layer:
             self.gate_up = None
 
 
+def _sliding_window(layer, cfg):
+    """The sliding window of one decoder layer, or None (Qwen2 sets it per layer, Mistral per model)."""
+    attn = layer.self_attn
+    w = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(cfg, "sliding_window", None)
+    return None if w is None else int(w)
+
+
 class Engine:
     def __init__(self, model, prompts=None, *, max_batch=8, max_len=512, top_k=None, eos_token_id=None,
                  cuda_graph=True, fuse=True):
@@ -172,6 +181,15 @@ class Engine:
         self.Hq = cfg.num_attention_heads
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_batch, self.max_len, self.eos = max_batch, max_len, eos_token_id
+        windows = {i: _sliding_window(layer, cfg) for i, layer in enumerate(self.layers)}
+        short = {i: w for i, w in windows.items() if w is not None and w < max_len}
+        if short:
+            i, w = next(iter(short.items()))
+            raise ValueError(
+                f"Engine: layer {i} of this {cfg.model_type} model attends through a sliding window of "
+                f"{w} tokens, shorter than max_len={max_len}; the Engine's static cache attends to every "
+                f"cached token, which would give wrong answers past the window. Use max_len <= {w}, or "
+                f"mops_kernels.attach(model, ...) + model.generate(), which applies the window.")
         self.device = next(model.parameters()).device
         with torch.no_grad():
             self.dtype = self.embed(torch.zeros(1, 1, dtype=torch.long, device=self.device)).dtype
