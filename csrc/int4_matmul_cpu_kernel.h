@@ -189,7 +189,18 @@ void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint1
     const __m256i lo = _mm256_set1_epi32(0x0f), hi = _mm256_set1_epi32(0xf0);
     __m256 acc[ROWS];
     for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+    // The next step's rows, one cache line per row every other chunk: with long rows (K = 1536)
+    // the hardware prefetcher does not keep up with ROWS interleaved streams from DRAM.
+    const bool pf = n + 2 * ROWS <= n1;
     for (int64_t c = 0; c < K64; c += 64) {
+      if (pf && (c & 64) == 0)
+        for (int r = 0; r < ROWS; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(qw + (n + ROWS + r) * (K / 2) + c / 2), _MM_HINT_T0);
+      if (pf && c < 2 * ng)  // and their scales and mins (2 * ng bytes per row), a line per chunk
+        for (int r = 0; r < ROWS; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(scale + (n + ROWS + r) * ng) + c, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(mins + (n + ROWS + r) * ng) + c, _MM_HINT_T0);
+        }
       __m256 d0[ROWS], d1[ROWS];
       for (int k = 0; k < 4; ++k) {
         const __m256 x0 = _mm256_loadu_ps(xp + c + 16 * k), x1 = _mm256_loadu_ps(xp + c + 16 * k + 8);
