@@ -2,6 +2,7 @@
 
     python benchmarks/bench_int4_matmul.py            # GPU if there is one, else CPU
     python benchmarks/bench_int4_matmul.py --quick    # CPU, < 1 min
+    python benchmarks/bench_int4_matmul.py --decode   # CPU, M = 1 on every SmolLM2 matrix, < 1 min
 
 Shapes are N x K (y = x @ W^T, x [M, K]); M (tokens) is swept over 1, 2, 4, 8, 16.
 CPU: SmolLM2-135M's matrices: 1536x576 (MLP up/gate), 576x1536 (MLP down), 49152x576 (the
@@ -36,6 +37,9 @@ from mops_kernels.ops.int4_matmul import int4_matmul  # noqa: E402
 from mops_kernels.ops.quant_format import QuantizedWeight, quantize  # noqa: E402
 
 CPU_SHAPES = [(1536, 576, 4, 32), (576, 1536, 4, 32), (49152, 576, 8, 32)]    # N, K, bits, G
+# --decode: every matrix of a SmolLM2-135M decode step, batch 1 (q/o, k/v, gate/up, down, head)
+DECODE_SHAPES = [(576, 576, 4, 32), (192, 576, 4, 32), (1536, 576, 4, 32), (576, 1536, 4, 32),
+                 (49152, 576, 8, 32)]
 GPU_SHAPES = [(4096, 4096, 4, 128), (4096, 11008, 4, 128), (49152, 576, 8, 32)]
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -108,6 +112,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small CPU run (< 1 min)")
+    ap.add_argument("--decode", action="store_true",
+                    help="M = 1 only, on all SmolLM2 decode shapes (q/o, k/v, gate/up, down, head)")
     ap.add_argument("--ms", default="1,2,4,8,16", help="token counts M to sweep")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -119,8 +125,10 @@ def main():
     ms = [int(m) for m in args.ms.split(",")]
     if args.quick:
         ms = [1, 4, 16]
+    if args.decode:
+        ms = [1]
     reps = args.reps or (20 if args.quick else 50)
-    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    shapes = GPU_SHAPES if cuda else (DECODE_SHAPES if args.decode else CPU_SHAPES)
     dtype = torch.bfloat16 if cuda else torch.float32
     dname = DTYPE_NAME[dtype]
     ours = [b for b in (("cuda", "triton") if cuda else ("cpu",))
