@@ -1,17 +1,10 @@
 """gate_topk (SPEC §2) on the Triton backend (TRITON_INTERPRET=1 here) against the fp32 reference."""
-import inspect
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-import triton
 
 from mops_kernels import reference
 from mops_kernels.ops.gate_topk import gate_topk
-from utils import rel_err
+from utils import HAS_NVIDIA_BACKEND, compile_for_sm90, rel_err
 
 ACTS = sorted(reference.ACTIVATIONS)
 
@@ -264,35 +257,6 @@ def test_triton_backward_only_the_wanted_grads(force_backend, wanted):
 
 
 # ---- the kernels compile for a real GPU (no interpreter-only constructs) --------------------
-HAS_NVIDIA_BACKEND = "nvidia" in getattr(triton.backends, "backends", {})
-_COMPILE = """
-import json, os, sys, importlib
-os.environ["TRITON_INTERPRET"] = "0"
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-mod, name, sig, consts, num_warps = json.loads(sys.argv[1])
-kern = getattr(importlib.import_module(mod), name)
-src = ASTSource(fn=kern, signature=sig, constexprs={(i,): v for i, v in consts})
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-assert k.asm.get("cubin"), "no cubin"
-"""
-
-
-def compile_for_sm90(kernel, arg_type, consts, num_warps=4):
-    """Compile a @triton.jit kernel for sm_90 in a child process (the kernels of this one are
-    interpreted): arg_type(name) gives each runtime argument's Triton type ("*fp32", "i32")."""
-    names = list(inspect.signature(kernel.fn).parameters)
-    sig = {n: ("constexpr" if n in consts else arg_type(n)) for n in names}
-    cst = [(i, consts[n]) for i, n in enumerate(names) if n in consts]
-    spec = json.dumps([kernel.fn.__module__, kernel.fn.__name__, sig, cst, num_warps])
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}
-    run = subprocess.run([sys.executable, "-c", _COMPILE, spec], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-
-
 @pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs Triton's NVIDIA backend (ptxas)")
 def test_backward_kernels_compile_for_sm90():
     from mops_kernels.ops import gate_topk as GT

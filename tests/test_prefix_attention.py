@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from conftest import available_backends, requires_cuda
-from test_gate_topk import HAS_NVIDIA_BACKEND, compile_for_sm90
-from utils import rel_err, tol_ok
+from utils import HAS_NVIDIA_BACKEND, compile_for_sm90, rel_err, tol_ok
 
 from mops_kernels import _backend
 from mops_kernels import reference as R
