@@ -150,6 +150,9 @@ def main():
             nbytes = qw.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
             flops = 2 * M * N * K
             common = dict(shapes=shp, dtype=dname, bytes=nbytes, flops=flops, reps=reps)
+            if not cuda:  # a shared CPU: the row says how busy it was (and how ours/cpu threads)
+                common["note"] = (f"loadavg {os.getloadavg()[0]:.2f}; MOPS_INT4_CPU_HELPERS="
+                                  f"{os.environ.get('MOPS_INT4_CPU_HELPERS', 'auto')}")
             # the reference dequantizes the whole weight every call: fewer repetitions of it
             bench.run("reference", lambda: reference.int4_matmul(x, qw), **{**common, "reps": 5})
             bench.run("float matmul", lambda: torch.matmul(x, denses[next(turn)].t()), **common)
