@@ -16,6 +16,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 #include "int4_matmul_cpu_kernel.h"
 #include "ops.h"
 
@@ -96,8 +98,8 @@ int64_t rows_per_pass(int64_t K) {
 // On a machine whose cores are all taken by other processes (load average), and for a while after
 // a helper was preempted inside a chunk, the caller runs alone.
 // MOPS_INT4_CPU_HELPERS=0 never uses helpers, =1 always does (tests, benchmarks), unset: as above.
-// Helpers are detached and the pool is never destroyed (no joins at exit; after a fork the child
-// has no helpers and simply runs every chunk itself).
+// Helpers are detached and the pool is never destroyed (no joins at exit); a forked child never
+// publishes jobs (it has no helpers) and runs every chunk itself.
 constexpr int64_t kSpinUs = 300;
 constexpr int64_t kSlowWaitUs = 30;  // a chunk is a few us of work: a longer wait is a preempted helper
 
@@ -139,6 +141,10 @@ class HelperPool {
       helpers = 0;
     }
     if (helpers > 0 && !forced && machine_busy(threads)) helpers = 0;
+    // a forked child has none of the parent's threads (and maybe a mutex the parent's helper held)
+    if (helpers > 0 && owner_pid_.load(std::memory_order_relaxed) > 0 &&
+        owner_pid_.load(std::memory_order_relaxed) != getpid())
+      helpers = 0;
     if (helpers > 0) {
       start(helpers);
       {
@@ -195,6 +201,7 @@ class HelperPool {
 
   void start(int helpers) {
     std::lock_guard<std::mutex> lk(start_mu_);
+    owner_pid_.store(getpid(), std::memory_order_relaxed);
     while (started_ < helpers) {
       std::thread([this] { loop(); }).detach();
       ++started_;
@@ -238,6 +245,7 @@ class HelperPool {
   std::atomic<int> skip_{0}, level_{0};  // calls left to run alone, and the back-off level
   std::atomic<int64_t> load_checked_ms_{-1000};
   std::atomic<bool> busy_{false};
+  std::atomic<pid_t> owner_pid_{0};  // the process whose helpers these are
   int want_ = 0;
   int started_ = 0;
 };

@@ -281,3 +281,35 @@ def test_cpu_helper_threads_change_nothing(force_backend, monkeypatch, bits, G, 
             assert torch.equal(int4_matmul(x, qw), alone)
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS or not hasattr(__import__("os"), "fork"),
+                    reason="needs the compiled extension and os.fork")
+def test_cpu_helpers_after_fork(force_backend, monkeypatch):
+    """A child forked after the helpers started has none of them: it must still compute every
+    row (alone) and not wait for a helper that does not exist."""
+    import os
+    import time
+    force_backend("cpu")
+    monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", "1")
+    qw = _case(4, 32, 576, 1539)
+    x = torch.randn(1, 576)
+    want = int4_matmul(x, qw)            # starts the helpers in this process
+    pid = os.fork()
+    if pid == 0:                          # child: exit code 0 only if the result is right
+        ok = False
+        try:
+            ok = all(torch.equal(int4_matmul(x, qw), want) for _ in range(5))
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.time() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in int4_matmul")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
