@@ -48,9 +48,11 @@ LOG2E = 1.4426950408889634
 def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """tl.dot; UPCAST (bf16 under TRITON_INTERPRET only) multiplies in fp32, because the
     interpreter's bf16 dot is wrong (triton 3.9 returns garbage); compiled kernels never set it."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PREC)
+    if UPCAST:   # one return: Triton's code generator types every return of a jit function
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=DOT_PREC)
+    return c
 
 
 @triton.jit
@@ -58,8 +60,10 @@ def _as(x, dtype, UPCAST: tl.constexpr):
     """x cast to the dot's operand dtype (kept fp32 under UPCAST: the interpreter's bf16 cast
     truncates instead of rounding)."""
     if UPCAST:
-        return x
-    return x.to(dtype)
+        y = x
+    else:
+        y = x.to(dtype)
+    return y
 
 
 @triton.jit
