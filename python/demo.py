@@ -3,12 +3,14 @@
     python3 python/demo.py                       # batch 8, 32 new tokens, ours vs transformers fp32
     python3 python/demo.py --batch 1 --max-new-tokens 64
     python3 python/demo.py --no-baseline
-    python3 python/demo.py --bank DIR            # a trained MixtureOfPrompts saved with .save(DIR)
+    python3 python/demo.py --bank DIR            # another trained MixtureOfPrompts saved with .save(DIR)
 
-After the plain backbone, the demo attaches a Mixture of Prompts (8 experts of 16 tokens, top-2,
-gate after layer 10, experts injected from layer 11): the gate picks experts per request in the
-same forward pass, and the demo prints which ones and with what weight. Without --bank the bank
-and gate are untrained (random): the routing is real, the experts teach the model nothing yet.
+After the plain backbone, the demo attaches a Mixture of Prompts (the shipped one: 4 experts of 8
+tokens, top-2, gate after layer 10, experts injected from layer 11): the gate picks experts per
+request in the same forward pass, and the demo prints which ones and with what weight. Without --bank it uses the
+bank and gate shipped in the package (mops_kernels/data, trained by `python3 python/experiment.py
+--small --ship` on 10 BIG-bench tasks) and asks it one held-out test example per task, printing the
+reference answer beside ours; if those files are absent, an untrained (random) bank, labelled so.
 
 "Ours" answers the prompts through the serving Engine (mops_kernels.integrations.engine: static KV
 cache, the lean decode step with fused int4 q/k/v and gate/up matmuls), greedy, every request
@@ -43,6 +45,7 @@ import mops_kernels  # noqa: E402
 from mops_kernels import _backend  # noqa: E402
 from mops_kernels.integrations.backbone import EXAMPLE_PROMPTS as PROMPTS  # noqa: E402
 from mops_kernels.integrations.backbone import chat_batch, default_gguf_path  # noqa: E402
+from mops_kernels.training.shipped import load_shipped, shipped_info  # noqa: E402
 from mops_kernels.integrations.engine import Engine  # noqa: E402
 
 
@@ -114,11 +117,35 @@ def timed_engine(model, batch, max_new_tokens, eos_id, prompts=None):
     return [r.tokens for r in reqs], Speed(sum(len(r.tokens) for r in reqs), dt, prefill, len(ids))
 
 
+def task_batch(tok, examples):
+    """The shipped bank's held-out task examples as raw text, the way it was trained (no chat
+    template): input_ids / attention_mask, right-padded (timed_engine strips the padding)."""
+    ids = [tok(e["input"].rstrip(), add_special_tokens=False)["input_ids"] for e in examples]
+    T = max(len(x) for x in ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return {"input_ids": torch.tensor([x + [pad] * (T - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])}
+
+
 def run_mops(model, tok, prompts, batch, args):
-    """Attach a MixtureOfPrompts, let the gate route each request, print its experts and answer."""
+    """Attach a MixtureOfPrompts, let the gate route each request, print its experts and answer.
+
+    The bank: --bank DIR, else the one shipped in the package (trained by python/experiment.py
+    --small --ship), asked one held-out test example of each task it was trained on, else an
+    untrained bank (labelled as such) on the chat prompts."""
+    targets = None
+    shipped = None if args.bank else load_shipped(model)
     if args.bank:
         mops = mops_kernels.MixtureOfPrompts.load(args.bank)
         label = f"trained bank from {args.bank}"
+    elif shipped is not None:
+        mops, info = shipped, shipped_info()
+        examples = info["examples"]
+        prompts = [f"[{e['task']}] {e['input'].strip()}" for e in examples]
+        targets = [e["target"] for e in examples]
+        batch = task_batch(tok, examples)
+        label = (f"the shipped bank (mops_kernels/data, {len(info['tasks'])} BIG-bench tasks, "
+                 f"validation ppl {info['validation_ppl']:.2f}); one held-out test example per task")
     else:
         torch.manual_seed(0)
         mops = mops_kernels.MixtureOfPrompts.for_model(model, num_experts=8, prompt_len=16, top_k=2,
@@ -137,7 +164,8 @@ def run_mops(model, tok, prompts, batch, args):
           f"{label}")
     for i, (p, a) in enumerate(zip(prompts, answers)):
         experts = ", ".join(f"expert {int(e)} (w={float(x):.2f})" for e, x in zip(idx[i], w[i]))
-        print(f"\n> {p}\n  gate chose: {experts}\n{a.strip()}")
+        want = "" if targets is None else f"\n  reference answer: {targets[i]}"
+        print(f"\n> {p}\n  gate chose: {experts}\n{a.strip()}{want}")
     print(speed.line("\nmops_kernels 4-bit + MoPs (Engine)"))
 
 

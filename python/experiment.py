@@ -152,9 +152,19 @@ def federated(args, mode, backbone):
     return m
 
 
-def ship(run_dir, names, metrics, command):
+def shipped_examples(data, names):
+    """The first test-split example of each task: what the demo asks the shipped MoPs."""
+    from mops_kernels.training.data import load_split
+    first = {}
+    for row in load_split(data, "test", names):
+        first.setdefault(row["task"], {"task": row["task"], "input": row["input"], "target": row["target"]})
+    return [first[t] for t in names if t in first]
+
+
+def ship(run_dir, names, metrics, command, data=None):
     """Copy a trained MoPs (bank + gate) into the package: mops_kernels/data/mops_{bank,gate}.safetensors
-    + mops.json (placement, task names, routing, validation ppl, the command that made it)."""
+    + mops.json (placement, task names, routing, validation ppl, the command that made it, and one
+    held-out test example per task for the demo)."""
     from mops_kernels.training.shipped import SHIPPED
     os.makedirs(os.path.dirname(SHIPPED["bank"]), exist_ok=True)
     with open(os.path.join(run_dir, "mops.json")) as f:
@@ -164,6 +174,8 @@ def ship(run_dir, names, metrics, command):
     meta.update(tasks=names, label_to_expert="task label % num_experts (gate pretraining target)",
                 routing_top1=metrics["routing_top1"], validation_ppl=metrics["overall_ppl"],
                 per_task_ppl=metrics["per_task_ppl"], trained_by=command)
+    if data is not None:
+        meta["examples"] = shipped_examples(data, names)
     with open(SHIPPED["meta"], "w") as f:
         json.dump(meta, f, indent=1)
     return SHIPPED
@@ -251,7 +263,7 @@ def main(argv=None):
         out = write()
         if args.ship and seed == seeds[0]:
             shipped = ship(os.path.join(args.runs, setting, f"seed{seed}", "mops", "prompts"), names,
-                           runs[seed]["centralized"]["mops"], out["command"])
+                           runs[seed]["centralized"]["mops"], out["command"], data=args.data)
             print("shipped:", ", ".join(shipped.values()), flush=True)
     return out
 
