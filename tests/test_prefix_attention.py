@@ -454,3 +454,25 @@ def test_dkv_kernel_with_causal_skipping_compiles_for_sm90():
     compile_for_sm90(TR._prefix_attention_bwd_dkv_kernel, arg_type,
                      dict(HAS_W=True, HAS_LENS=True, HAS_MASK=True, CAUSAL=True, BLOCK_M=64,
                           BLOCK_N=64, BLOCK_D=64, DOT_PREC=None, UPCAST=False))
+
+
+@pytest.mark.skipif(not _backend.ext_has("prefix_attention_cpu"), reason="needs the C++ extension")
+def test_cpu_no_prefix_decode_runs_the_cpp_kernel_and_prefill_sdpa(monkeypatch):
+    """A bare model's attention on the CPU: decode (T = 1) through the C++ kernel (faster there),
+    prefill through SDPA; both equal the reference (left padding included)."""
+    monkeypatch.delenv("MOPS_BACKEND", raising=False)
+    calls = []
+    real = PA._torch_forward
+    monkeypatch.setattr(PA, "_torch_forward", lambda *a: calls.append(a[0].shape[2]) or real(*a))
+    for T, S in ((1, 37), (37, 37)):
+        q = torch.randn(3, 6, T, 64)
+        k, v = torch.randn(3, 2, S, 64), torch.randn(3, 2, S, 64)
+        am = torch.ones(3, S, dtype=torch.long)
+        am[1, :5] = 0
+        with torch.no_grad():
+            out = prefix_attention(q, k, v, None, None, None, attention_mask=am)
+        pool = torch.randn(1, 1, 2, 64)                 # the reference's "no prefix": kk = 0
+        ref = R.prefix_attention(q, k, v, pool, pool, torch.zeros(3, 0, dtype=torch.int32),
+                                 attention_mask=am)
+        assert rel_err(out, ref) <= 1e-4, T
+    assert calls == [37]          # only the prefill went to SDPA

@@ -149,6 +149,7 @@ def mops_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset
         return None
     return mask
 
+
 def register() -> None:
     """Make "mops" a valid attn_implementation (idempotent)."""
     from transformers import AttentionInterface

@@ -230,8 +230,10 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not has_prefix:
         prefix_k = prefix_v = prefix_index = prefix_weight = prefix_lens = None
     grad = _needs_grad(q, k, v, prefix_k, prefix_v, prefix_weight)
-    # CPU with no prefixes: SDPA is the fast path (HF calls this on every layer of a bare model).
-    if not has_prefix and q.device.type == "cpu" and _backend.forced() is None:
+    # CPU with no prefixes (HF calls this on every layer of a bare model): SDPA for prefill and
+    # training; decode (T = 1, no grad) goes to the registry, whose C++ kernel is faster there
+    # (SmolLM2 decode, Hq 9, Hkv 3, D 64: 20 vs 134 us at B=1, S=48; 352 vs 443 us at B=8, S=300).
+    if not has_prefix and q.device.type == "cpu" and _backend.forced() is None and (q.shape[2] > 1 or grad):
         backend = "torch"
     else:
         backend = _backend.pick(_OP, q.device, _supported(q, has_prefix, grad))
