@@ -11,6 +11,8 @@ Providers
     cuda               our CUDA decode kernel (T = 1)
     cpu                our C++ decode kernel (T = 1)
     sdpa_no_prefix     SDPA (flash on the GPU) on the same tokens without prefixes: the TFLOP/s target
+    torch_sdpa_no_prefix, cpu_no_prefix   (CPU decode) a bare model's attention, no prefixes: the
+                       two paths prefix_attention's CPU dispatch chooses between
 
 FLOPs (forward): 4 * B * Hq * T * (S_eff + kk*P) * D, where S_eff is the mean number of sequence
 keys a query row sees: S for T = 1, S - T + (T + 1) / 2 with bottom-right causal masking.
@@ -109,6 +111,10 @@ def main():
                         fn = getattr(_backend.extension(), op)
                         run("cuda" if cuda else "cpu",
                             lambda: fn(q, k, v, pk, pv, idx, w, None, am, True, scale))
+                        if not cuda:   # a bare model's decode attention: what the CPU dispatcher picks between
+                            run("torch_sdpa_no_prefix", lambda: PA._torch_forward(
+                                q, k, v, None, None, None, None, None, am, True, scale))
+                            run("cpu_no_prefix", lambda: fn(q, k, v, None, None, None, None, None, am, True, scale))
                     if cuda and T > 1:
                         run("sdpa_no_prefix", lambda: torch.nn.functional.scaled_dot_product_attention(
                             q, k, v, is_causal=True, enable_gqa=True))
