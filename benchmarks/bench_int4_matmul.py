@@ -17,7 +17,9 @@ per token, after the other layers' matrices went through the cache. So each shap
 copies exceed 3x the last-level cache (METHOD: rotate inputs that fit in the cache).
 Providers: reference (mops_kernels.reference: dequantize then matmul), float matmul (fp32 on the
 CPU, bf16 cuBLAS on a GPU, with the dense weight already materialised), torch int4pack
-(torch._weight_int4pack_mm, CUDA, 4-bit only), ours/<backend> for every backend that runs here.
+(torch._weight_int4pack_mm, CUDA, 4-bit only), ours/<backend> for every backend that runs here
+(through the public op), and on the CPU ours/cpu-kernel: the compiled kernel called directly, as
+the serving Engine does (no Python dispatch).
 """
 from __future__ import annotations
 
@@ -170,6 +172,10 @@ def main():
                     bench.run(f"ours/{b}", lambda: int4_matmul(x, qws[next(turn)]), **common)
                 finally:
                     del os.environ["MOPS_BACKEND"]
+            if "cpu" in ours:   # the compiled kernel alone, as the Engine calls it: no Python dispatch
+                kern = _backend.extension().int4_matmul_cpu
+                bench.run("ours/cpu-kernel", lambda: (lambda w: kern(x, w.qweight, w.scale, w.min, w.group_size,
+                                                                       w.bits))(qws[next(turn)]), **common)
     bench.summary(baseline="float matmul")
 
 

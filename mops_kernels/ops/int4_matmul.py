@@ -293,11 +293,11 @@ class Int4MatmulFunction(torch.autograd.Function):
 def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ qw.dequantize().T (+ bias). x [..., K] -> y [..., N], dtype of x."""
     _check(x, qw, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, qw.in_features)
+    flat = x.dim() == 2                       # decode/prefill rows already [M, K]: no reshapes
+    x2 = x if flat else x.reshape(-1, qw.in_features)
     if x2.shape[0] == 0:
         y = x2.new_zeros((0, qw.out_features)) + (0 if bias is None else bias.to(x.dtype))
-        return y.reshape(*lead, qw.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], qw.out_features)
     if x2.stride(-1) != 1:  # every kernel reads rows of x as unit-stride vectors
         x2 = x2.contiguous()
     backend = _backend.pick("int4_matmul", x.device, _supported(x2, qw))
@@ -307,4 +307,4 @@ def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tenso
         y = _FORWARD[backend](x2, qw)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.reshape(*lead, qw.out_features)
+    return y if flat else y.reshape(*x.shape[:-1], qw.out_features)
