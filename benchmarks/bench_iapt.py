@@ -20,7 +20,7 @@ def main():
     args = setup(__doc__)
     from harness import Bench
     from mops_kernels import reference
-    from mops_kernels.ops.rational import iapt_generate
+    from mops_kernels.ops.iapt_generate import iapt_generate
 
     device = args.device
     if args.quick:

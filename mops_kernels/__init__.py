@@ -16,7 +16,7 @@ _LAZY = {
     "prefix_attention": "mops_kernels.ops.prefix_attention",
     "gate_topk": "mops_kernels.ops.gate_topk",
     "rational": "mops_kernels.ops.rational",
-    "iapt_generate": "mops_kernels.ops.rational",
+    "iapt_generate": "mops_kernels.ops.iapt_generate",
     "int4_matmul": "mops_kernels.ops.int4_matmul",
     "int4_quantize": "mops_kernels.ops.quant_format",
     "int8_quantize": "mops_kernels.ops.quant_format",
@@ -31,7 +31,9 @@ _LAZY = {
     "load_backbone": "mops_kernels.integrations.backbone",
     "attach": "mops_kernels.integrations.hf",
     "detach": "mops_kernels.integrations.hf",
+    "from_peft": "mops_kernels.integrations.peft_import",
     "Engine": "mops_kernels.integrations.engine",
+    "load_shipped": "mops_kernels.shipped",
     # backends
     "backend_info": "mops_kernels._backend",
 }

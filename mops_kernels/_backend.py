@@ -1,4 +1,4 @@
-"""One registry of backends, and the rule that picks one per call.
+"""One registry of backends per op, and the rule that picks one per call.
 
 Backends, in the order tried:
     cuda    the compiled extension's CUDA kernels (mops_kernels._C built with CUDA), CUDA tensors
@@ -6,26 +6,36 @@ Backends, in the order tried:
     cpu     the compiled extension's C++ kernels, CPU tensors
     torch   mops_kernels.reference (plain PyTorch), anywhere
 
-`MOPS_BACKEND=cuda|triton|cpu|torch` forces one backend for every op; if it cannot serve a call
-the real reason is raised (never a silent fallback). Without it, each op asks `pick(op, tensor,
-supported)` for the first backend that is available, runs on the tensor's device and supports the
-op (and the case: an op passes the backends that can take the given shapes/dtypes); the choice is
-logged once per (op, backend). On CPU tensors the default order is cpu, torch: the Triton
-interpreter is for proving kernels correct, not for speed.
+Each op file registers its implementations next to the kernels, one line per backend:
+
+    register("int4_matmul", "cpu", _forward_cpu, supports=_cpu_case, backward=_backward_cpu)
+
+and calls `dispatch(op, device, *case)`, which returns the `Impl` (fn, backward) of the backend
+that `pick` chose among those whose `supports(*case)` is true (no `supports`: every case). A new
+backend for an op is that one registration; a new op also adds its name to OPS.
+
+`MOPS_BACKEND` forces backends: `cpu` (every op), `int4_matmul:cpu,prefix_attention:torch` (per
+op), or both (`cpu,gate_topk:torch`: the per-op entries win). A forced backend that cannot serve a
+call raises the real reason (never a silent fallback), naming the op and the per-op form.
+Without it, `pick` takes the first backend that is available, runs on the tensor's device and
+supports the case; the choice is logged once per (op, backend). On CPU tensors the default order
+is cpu, torch: the Triton interpreter is for proving kernels correct, not for speed.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
 log = logging.getLogger("mops_kernels")
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
+OPS = ("prefix_attention", "gate_topk", "int4_matmul", "rational", "iapt_generate")
 
 
 class BackendUnavailable(RuntimeError):
@@ -77,13 +87,40 @@ def has_triton() -> bool:
         return False
 
 
-def forced() -> Optional[str]:
-    name = os.environ.get("MOPS_BACKEND", "").strip().lower()
-    if not name:
+@lru_cache(maxsize=None)
+def parse_forced(spec: str) -> Tuple[Optional[str], Dict[str, str]]:
+    """MOPS_BACKEND -> (global backend or None, {op: backend}); ValueError naming the bad entry."""
+    default, per_op = None, {}
+    for entry in (e.strip().lower() for e in spec.split(",")):
+        if not entry:
+            continue
+        op, sep, name = entry.rpartition(":")
+        if name not in BACKENDS:
+            raise ValueError(f"MOPS_BACKEND: {entry!r} names no backend; each entry is a backend "
+                             f"{BACKENDS} or op:backend with op in {OPS}")
+        if not sep:
+            if default is not None and default != name:
+                raise ValueError(f"MOPS_BACKEND names two global backends ({default}, {name}): {spec!r}")
+            default = name
+        elif op not in OPS:
+            raise ValueError(f"MOPS_BACKEND: unknown op {op!r} in {entry!r}; ops are {OPS}")
+        else:
+            per_op[op] = name
+    return default, per_op
+
+
+def forced(op: Optional[str] = None) -> Optional[str]:
+    """The backend MOPS_BACKEND forces for `op` (per-op entry, else the global one), or None.
+
+    Without `op`: the global backend when no per-op entry exists, else the whole setting (a caller
+    that bypasses the registry must then ask per op)."""
+    spec = os.environ.get("MOPS_BACKEND", "").strip()
+    if not spec:
         return None
-    if name not in BACKENDS:
-        raise ValueError(f"MOPS_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
+    default, per_op = parse_forced(spec)
+    if op is None:
+        return default if not per_op else spec.lower()
+    return per_op.get(op, default)
 
 
 def why_not(backend: str, device: torch.device, supported: Iterable[str]) -> Optional[str]:
@@ -124,15 +161,60 @@ def _announce(op: str, backend: str, note: str = "") -> None:
         log.info("mops_kernels: %s runs on the %s backend%s", op, backend, note)
 
 
+# --------------------------------------------------------------------------------------------
+# The registry: op -> backend -> Impl, filled by the op files at import.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of one op. `supports(*case) -> bool` says which calls it
+    takes (None: all); `backward` is the op's own backward where the op needs one per backend."""
+    op: str
+    backend: str
+    fn: Callable
+    supports: Optional[Callable[..., bool]] = None
+    backward: Optional[Callable] = None
+
+
+_REGISTRY: Dict[str, Dict[str, Impl]] = {}
+
+
+def register(op: str, backend: str, fn: Callable, *, supports: Optional[Callable[..., bool]] = None,
+             backward: Optional[Callable] = None) -> Callable:
+    """Add (or replace) `backend`'s implementation of `op`. Returns fn (usable as a decorator body)."""
+    if op not in OPS:
+        raise ValueError(f"register: unknown op {op!r}; add it to _backend.OPS (ops are {OPS})")
+    if backend not in BACKENDS:
+        raise ValueError(f"register: backend must be one of {BACKENDS}, got {backend!r}")
+    _REGISTRY.setdefault(op, {})[backend] = Impl(op, backend, fn, supports, backward)
+    _picked.clear()
+    return fn
+
+
+def registered(op: str) -> Dict[str, Impl]:
+    """backend -> Impl for `op` (empty until the op's module is imported)."""
+    return dict(_REGISTRY.get(op, {}))
+
+
+def dispatch(op: str, device: torch.device, *case) -> Impl:
+    """The Impl that runs this call of `op`: `pick` over the registered backends whose
+    `supports(*case)` holds."""
+    impls = _REGISTRY.get(op)
+    if not impls:
+        raise BackendUnavailable(f"no backend is registered for {op!r}")
+    ok = tuple(b for b, i in impls.items() if i.supports is None or i.supports(*case))
+    return impls[pick(op, device, ok)]
+
+
 _picked = {}
 
 
-def pick(op: str, device: torch.device, supported: Iterable[str]) -> str:
-    """The backend that runs `op` on `device`, given the backends that support this case.
+def pick(op: str, device: torch.device, supported: Optional[Iterable[str]] = None) -> str:
+    """The backend that runs `op` on `device`, given the backends that support this case (default:
+    every registered one).
 
     Memoised on everything the answer depends on (the environment variables included), since
     hot paths call it for every op of every decode step."""
-    supported = tuple(supported)
+    supported = tuple(_REGISTRY.get(op, {}) if supported is None else supported)
     env = os.environ
     key = (op, device.type, supported, env.get("MOPS_BACKEND", ""), env.get("TRITON_INTERPRET", "0"))
     hit = _picked.get(key)
@@ -143,11 +225,14 @@ def pick(op: str, device: torch.device, supported: Iterable[str]) -> str:
 
 
 def _pick(op: str, device: torch.device, supported: tuple) -> str:
-    f = forced()
+    f = forced(op)
     if f is not None:
         reason = why_not(f, device, supported)
         if reason is not None:
-            raise BackendUnavailable(f"MOPS_BACKEND={f} cannot run {op}: {reason}")
+            alt = [b for b in ("cpu", "torch") if b != f and why_not(b, device, supported) is None]
+            hint = (f"; force it per op instead, e.g. MOPS_BACKEND={f},{op}:{alt[-1]}" if alt else "")
+            raise BackendUnavailable(f"MOPS_BACKEND={os.environ.get('MOPS_BACKEND', '').strip()} cannot run "
+                                     f"{op} on the {f} backend: {reason}{hint}")
         _announce(op, f, " (forced by MOPS_BACKEND)")
         return f
     # On the CPU the interpreter is a correctness tool, far slower than C++ or PyTorch: Triton
@@ -165,6 +250,8 @@ def _pick(op: str, device: torch.device, supported: tuple) -> str:
 
 def describe() -> dict:
     """What this installation can run: handy in bug reports and benchmark rows."""
+    for op in OPS:                      # each op registers its backends when its file is imported
+        importlib.import_module(f"mops_kernels.ops.{op}")
     mod, err = _extension()
     return {
         "extension": None if mod is None else getattr(mod, "__file__", "built"),
@@ -173,5 +260,6 @@ def describe() -> dict:
         "triton": has_triton(),
         "triton_interpret": triton_interpret(),
         "forced": os.environ.get("MOPS_BACKEND") or None,
+        "registered": {op: sorted(impls) for op, impls in sorted(_REGISTRY.items())},
         "cuda_available": torch.cuda.is_available(),
     }

@@ -43,15 +43,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import mops_kernels  # noqa: E402
 from mops_kernels import _backend  # noqa: E402
-from mops_kernels.integrations.backbone import EXAMPLE_PROMPTS as PROMPTS  # noqa: E402
+from mops_kernels.examples import EXAMPLE_PROMPTS as PROMPTS  # noqa: E402
 from mops_kernels.integrations.backbone import chat_batch, default_gguf_path  # noqa: E402
-from mops_kernels.training.shipped import load_shipped, shipped_info  # noqa: E402
+from mops_kernels.shipped import load_shipped, shipped_info  # noqa: E402
 from mops_kernels.integrations.engine import Engine  # noqa: E402
 
 
 def int4_backend():
-    from mops_kernels.ops import int4_matmul
-    return _backend.pick("int4_matmul", torch.device("cpu"), int4_matmul._FORWARD.keys())
+    from mops_kernels.ops import int4_matmul  # noqa: F401 (registers its backends)
+    return _backend.pick("int4_matmul", torch.device("cpu"))
 
 
 def new_tokens(out, prompt_len, eos_id):

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import mops_kernels  # noqa: E402
 from mops_kernels.integrations.attention import ATTN_NAME, PrefixRouting  # noqa: E402
-from mops_kernels.integrations.backbone import (EXAMPLE_PROMPTS, BackboneLoadError, chat_batch,  # noqa: E402
+from mops_kernels.examples import EXAMPLE_PROMPTS  # noqa: E402
+from mops_kernels.integrations.backbone import (BackboneLoadError, chat_batch,  # noqa: E402
                                                 default_gguf_path, load_backbone)
 from mops_kernels.integrations.gguf_import import GGUFImportError  # noqa: E402
 from mops_kernels.modules.int4_linear import Int4Linear  # noqa: E402

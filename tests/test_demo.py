@@ -17,7 +17,7 @@ def test_demo_runs_and_reports_routing_and_speed():
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
-    from mops_kernels.training.shipped import shipped_info
+    from mops_kernels.shipped import shipped_info
     info = shipped_info()
     if info is None:   # no shipped bank in this checkout: the untrained one, labelled so
         assert out.count("gate chose: expert") == 2, out

@@ -21,6 +21,7 @@ from utils import rel_err
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from mops_kernels.families import head_dim  # noqa: E402
 from mops_kernels.ops.prefix_attention import prefix_attention  # noqa: E402
 
 ATTN = "mops_prefix_oracle"
@@ -67,7 +68,7 @@ def _peft_vs_ours(model, P, input_ids, attention_mask, seed=0):
     base = pm.get_base_model()
     L = base.config.num_hidden_layers
     Hkv = base.config.num_key_value_heads
-    D = getattr(base.config, "head_dim", None) or base.config.hidden_size // base.config.num_attention_heads
+    D = head_dim(base.config)
     kv = emb.weight.detach().view(P, 2 * L, Hkv, D)
     layers = base.model.layers
     for i, layer in enumerate(layers):

@@ -148,7 +148,7 @@ def test_save_prompts_iapt_round_trip(tmp_path):
 
 def test_load_shipped(tmp_path, monkeypatch):
     import json
-    from mops_kernels.training import shipped
+    from mops_kernels import shipped
     paths = {k: str(tmp_path / f"mops_{k}") for k in ("bank", "gate", "meta")}
     monkeypatch.setattr(shipped, "SHIPPED", paths)
     model, _ = load_backbone(config=dict(CFG))

@@ -33,7 +33,8 @@ from mops_kernels.ops import _prefix_attention_triton as TR
 from mops_kernels.ops import gate_topk as GT
 from mops_kernels.ops import int4_matmul as IM
 from mops_kernels.ops.prefix_attention import prefix_attention
-from mops_kernels.ops.rational import iapt_generate, rational
+from mops_kernels.ops.iapt_generate import iapt_generate
+from mops_kernels.ops.rational import rational
 from test_gate_topk import _inputs as gate_inputs
 from test_int4_matmul import _case as int4_weight
 from test_prefix_attention import make as attention_inputs
@@ -41,7 +42,7 @@ from test_rational_iapt import _coeffs, _iapt_inputs
 from utils import HAS_NVIDIA_BACKEND, compile_specs_for_sm90, sm90_spec
 
 MODULES = ("mops_kernels.ops.int4_matmul", "mops_kernels.ops._prefix_attention_triton",
-           "mops_kernels.ops.gate_topk", "mops_kernels.ops.rational")
+           "mops_kernels.ops.gate_topk", "mops_kernels.ops.rational", "mops_kernels.ops.iapt_generate")
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 

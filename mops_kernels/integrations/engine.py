@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .hf import FAMILIES, Plan, _get_path, check_expert_index, run_prefix_attention, validate
+from ..families import FAMILIES, get_path as _get_path
+from .hf import Plan, check_expert_index, run_prefix_attention, validate
 
 
 class Request:

@@ -22,6 +22,7 @@ from typing import Dict, Union
 import numpy as np
 import torch
 
+from ..families import FAMILIES
 from ..ops.quant_format import QuantizedWeight
 
 BLOCK = 32
@@ -36,7 +37,7 @@ _CONFIG_KEYS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "vocab_size": "vocab_size",
 }
-SUPPORTED_ARCHITECTURES = ("llama", "mistral")   # same tensor layout (Q/K permuted for RoPE)
+SUPPORTED_ARCHITECTURES = tuple(n for n, f in FAMILIES.items() if f.gguf)  # llama layout (Q/K permuted for RoPE)
 SUPPORTED_TYPES = ("Q4_1", "Q4_0", "Q8_0", "F32", "F16")
 
 # GGUF tensor name pieces -> Hugging Face Llama module names

@@ -1,7 +1,7 @@
 """Drop-in Hugging Face integration: `attach(model, prompts)` / `detach(model)` (SPEC §5).
 
-One table (FAMILIES) covers the Llama, Mistral and Qwen2 families: where the decoder layers live and
-which attention classes they use. Nothing per model is copied: the attention is the package's "mops"
+One table (`mops_kernels.families.FAMILIES`) covers the Llama, Mistral and Qwen2 families: where the
+decoder layers live and which attention classes they use. Nothing per model is copied: the attention is the package's "mops"
 entry of transformers' AttentionInterface (integrations/attention.py, 2-D padding mask), and the
 per-request prefix information travels to every layer as the `mops_prefix` keyword that transformers
 forwards from the model's forward call down to the attention function, which calls
@@ -29,14 +29,8 @@ from typing import Optional
 
 import torch
 
+from ..families import FAMILIES, decoder, family, get_path, head_dim  # noqa: F401 (FAMILIES: kept importable here)
 from .attention import ATTN_NAME, register
-
-# family (config.model_type) -> (decoder layer list attribute path, attention module class names)
-FAMILIES = {
-    "llama": ("model.layers", ("LlamaAttention",)),
-    "mistral": ("model.layers", ("MistralAttention",)),
-    "qwen2": ("model.layers", ("Qwen2Attention",)),
-}
 
 
 def run_prefix_attention(q, k, v, pk, pv, idx, w, *, lens=None, mask=None, causal=True, scale=None):
@@ -85,22 +79,14 @@ class Plan:
         return list(range(self.inject_from, num_layers))
 
 
-def _get_path(obj, path):
-    for name in path.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def validate(model, plan):
     """Check that `model` is a supported family and `plan` fits it; returns its decoder layers."""
     cfg = model.config
-    family = getattr(cfg, "model_type", None)
-    if family not in FAMILIES:
-        raise ValueError(f"attach: unsupported architecture model_type={family!r}; supported: {sorted(FAMILIES)}")
-    path, attn_classes = FAMILIES[family]
-    layers = _get_path(model, path)
+    try:
+        _, (path, attn_classes, _) = family(model)
+    except ValueError as e:
+        raise ValueError(f"attach: {e}") from None
+    layers = get_path(model, path)
     if layers is None:
         raise ValueError(f"attach: {type(model).__name__} has no decoder layers at '{path}'")
     for i, layer in enumerate(layers):
@@ -109,7 +95,7 @@ def validate(model, plan):
                              f"expected one of {attn_classes}")
     L = len(layers)
     Hkv = cfg.num_key_value_heads
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    D = head_dim(cfg)
     bank = plan.bank
     if bank is not None:
         nl = getattr(bank, "num_layers", None)
@@ -236,7 +222,7 @@ def attach(model, prompts=None, *, quantize=False):
     layers = validate(model, plan)                  # raises before anything changes
     if quantize:
         from mops_kernels.modules.int4_linear import replace_linears
-        replace_linears(_get_path(model, FAMILIES[model.config.model_type][0].rsplit(".", 1)[0]))
+        replace_linears(decoder(model))
     register()
     hooks = []
     if plan.gate is not None:

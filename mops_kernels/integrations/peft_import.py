@@ -22,6 +22,9 @@ from typing import Sequence
 
 import torch
 
+from ..families import model_dims
+from ..modules.prompts import MixtureOfPrompts, PromptBank
+
 
 def _read_table(path: str, cfg: dict) -> torch.Tensor:
     """The flattened prefix table [P, L*2*Hkv*D] of one adapter dir."""
@@ -58,10 +61,8 @@ def load_adapter(path: str, model):
         cfg = json.load(fh)
     if cfg.get("peft_type") != "PREFIX_TUNING":
         raise ValueError(f"from_peft: {path} is a {cfg.get('peft_type')} adapter, not PREFIX_TUNING")
-    mc = model.config
-    L = mc.num_hidden_layers
-    Hkv = mc.num_key_value_heads
-    D = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    dims = model_dims(model)
+    L, Hkv, D = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
     P = int(cfg["num_virtual_tokens"])
     if cfg.get("num_transformer_submodules", 1) != 1:
         raise ValueError(f"from_peft: {path} has num_transformer_submodules="
@@ -90,13 +91,11 @@ def from_peft(model, dirs: Sequence[str]):
         raise ValueError(f"from_peft: adapters have different num_virtual_tokens {[P for P, _ in adapters]}; "
                          f"one bank needs one P")
     P = Ps.pop()
-    mc = model.config
-    L, Hkv = mc.num_hidden_layers, mc.num_key_value_heads
-    D = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    dims = model_dims(model)
+    L, Hkv, D = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
     param = next(model.parameters(), None)
     dtype = torch.float32 if param is None or not param.is_floating_point() else param.dtype
     device = torch.device("cpu") if param is None else param.device
-    from mops_kernels.modules.prompts import MixtureOfPrompts, PromptBank
     bank = PromptBank(L, list(range(L)), len(adapters), P, Hkv, D, dtype, device)
     for slot, (_, layers) in enumerate(adapters):
         bank.set_slot(slot, {l: (k.to(device, dtype), v.to(device, dtype)) for l, (k, v) in layers.items()})

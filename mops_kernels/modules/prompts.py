@@ -20,20 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reference
+from ..families import model_dims
 from ..ops.gate_topk import ACTIVATION_IDS, gate_topk
-from ..ops.rational import iapt_generate
+from ..ops.iapt_generate import iapt_generate
 
 
 # --------------------------------------------------------------------------------------------
 # safetensors with the module's config in the metadata
 # --------------------------------------------------------------------------------------------
-def _save_tensors(path: str, tensors: Dict[str, torch.Tensor], config: dict) -> None:
+def save_tensors(path: str, tensors: Dict[str, torch.Tensor], config: dict) -> None:
     from safetensors.torch import save_file
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path,
               metadata={"config": json.dumps(config)})
 
 
-def _load_tensors(path: str, device=None) -> Tuple[Dict[str, torch.Tensor], dict]:
+def load_tensors(path: str, device=None) -> Tuple[Dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
     with safe_open(path, framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
@@ -43,17 +44,6 @@ def _load_tensors(path: str, device=None) -> Tuple[Dict[str, torch.Tensor], dict
     if device is not None:
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, json.loads(meta["config"])
-
-
-def _model_dims(model) -> dict:
-    """num_layers, hidden_size, num_kv_heads, head_dim read from an HF model's config."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise ValueError(f"model must have a Hugging Face `config`, got {type(model).__name__}")
-    heads = cfg.num_attention_heads
-    return dict(num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
-                num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
 
 
 def _check_layers(name: str, layers: Iterable[int], num_layers: int) -> list:
@@ -152,7 +142,7 @@ class PromptBank(nn.Module):
 
     def check_compatible(self, model) -> None:
         """Raise ValueError naming the first mismatch (layers, Hkv, head dim) with an HF model."""
-        dims = _model_dims(model)
+        dims = model_dims(model)
         for name, mine, theirs in (("num_layers", self.num_layers, dims["num_layers"]),
                                    ("num_key_value_heads", self.num_kv_heads, dims["num_kv_heads"]),
                                    ("head_dim", self.head_dim, dims["head_dim"])):
@@ -160,11 +150,11 @@ class PromptBank(nn.Module):
                 raise ValueError(f"prompt bank built for {name}={mine}, model has {name}={theirs}")
 
     def save(self, path: str) -> None:
-        _save_tensors(path, {"keys": self.keys, "values": self.values, "lens": self.lens}, self.config())
+        save_tensors(path, {"keys": self.keys, "values": self.values, "lens": self.lens}, self.config())
 
     @classmethod
     def load(cls, path: str, device=None) -> "PromptBank":
-        tensors, cfg = _load_tensors(path, device)
+        tensors, cfg = load_tensors(path, device)
         cfg["dtype"] = getattr(torch, cfg["dtype"])
         bank = cls(**cfg, device=device)
         bank.load_state_dict(tensors)
@@ -219,11 +209,11 @@ class SmartGate(nn.Module):
         return F.cross_entropy(self.scores(hidden, mask), labels.long())
 
     def save(self, path: str) -> None:
-        _save_tensors(path, dict(self.state_dict()), self.config())
+        save_tensors(path, dict(self.state_dict()), self.config())
 
     @classmethod
     def load(cls, path: str, device=None) -> "SmartGate":
-        tensors, cfg = _load_tensors(path, device)
+        tensors, cfg = load_tensors(path, device)
         gate = cls(**cfg)
         gate.load_state_dict(tensors)
         return gate.to(device) if device is not None else gate
@@ -284,7 +274,7 @@ class InstructionPromptGenerator(nn.Module):
         return attn.k_proj(x).view(B, n, -1, D), attn.v_proj(x).view(B, n, -1, D)
 
     def check_compatible(self, model) -> None:
-        dims = _model_dims(model)
+        dims = model_dims(model)
         if dims["num_layers"] != self.num_layers:
             raise ValueError(f"prompt generator built for {self.num_layers} layers, model has {dims['num_layers']}")
         if dims["hidden_size"] != self.hidden_size:
@@ -322,7 +312,7 @@ class MixtureOfPrompts(nn.Module):
     def for_model(cls, model, num_experts: int = 8, prompt_len: int = 16, top_k: int = 2,
                   gate_layer: int = 10, inject_from: int = 11, gate_hidden: int = 256) -> "MixtureOfPrompts":
         """A fresh bank + gate sized for an HF model (experts at every layer >= inject_from)."""
-        dims = _model_dims(model)
+        dims = model_dims(model)
         L = dims["num_layers"]
         if not isinstance(gate_layer, int) or not 0 <= gate_layer < L:
             raise ValueError(f"gate_layer must be in 0..{L - 1} (the model has {L} layers), got {gate_layer!r}")
@@ -340,14 +330,15 @@ class MixtureOfPrompts(nn.Module):
 
     @classmethod
     def from_peft(cls, model, dirs, **kwargs) -> "MixtureOfPrompts":
-        """Slots from PEFT prefix-tuning adapters (slot i = dirs[i]); see integrations.peft_import."""
-        from ..integrations.peft_import import from_peft
-        return from_peft(model, dirs, **kwargs)
+        """Slots from PEFT prefix-tuning adapters (slot i = dirs[i]): `mops_kernels.from_peft`, which
+        lives with the other PEFT readers in integrations (modules never import integrations)."""
+        import mops_kernels
+        return mops_kernels.from_peft(model, dirs, **kwargs)
 
     def check_compatible(self, model) -> None:
         """Raise ValueError naming the first mismatch between this bank/gate and `model`."""
         self.bank.check_compatible(model)
-        dims = _model_dims(model)
+        dims = model_dims(model)
         if self.gate is not None:
             if self.gate.hidden_size != dims["hidden_size"]:
                 raise ValueError(f"gate built for hidden_size={self.gate.hidden_size}, model has "

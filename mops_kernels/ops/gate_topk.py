@@ -33,11 +33,10 @@ pieces, once per output tile, and is deterministic.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from .. import _backend
 from .. import reference
+from ._triton import tl, triton
 
 ACTIVATION_IDS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "tanh": 4}
 
@@ -433,7 +432,18 @@ def gate_topk(hidden: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor, b1: to
     gelu | gelu_tanh | relu | silu | tanh. Differentiable through the weights.
     """
     _check(hidden, mask, w1, b1, w2, b2, k, activation)
-    backend = _backend.pick("gate_topk", hidden.device, ("triton", "torch"))
-    if backend == "torch" or hidden.shape[0] == 0:   # (an empty grid is not launchable)
-        return reference.gate_topk(hidden, mask, w1, b1, w2, b2, k, activation=activation)
+    return _backend.dispatch("gate_topk", hidden.device).fn(hidden, mask, w1, b1, w2, b2, k, activation)
+
+
+def _gate_topk_triton(hidden, mask, w1, b1, w2, b2, k, activation):
+    if hidden.shape[0] == 0:                       # (an empty grid is not launchable)
+        return _gate_topk_torch(hidden, mask, w1, b1, w2, b2, k, activation)
     return GateTopkFunction.apply(hidden, mask, w1, b1, w2, b2, k, activation)
+
+
+def _gate_topk_torch(hidden, mask, w1, b1, w2, b2, k, activation):
+    return reference.gate_topk(hidden, mask, w1, b1, w2, b2, k, activation=activation)
+
+
+_backend.register("gate_topk", "triton", _gate_topk_triton)
+_backend.register("gate_topk", "torch", _gate_topk_torch)

@@ -11,7 +11,7 @@ accumulate in fp32. Every Triton kernel reads a weight tile as two halves, the e
 (low nibbles) and the odd columns (high nibbles), and meets them with x's even and odd columns, so
 4-bit and 8-bit share one code path (`_load_w_pair`).
 
-Backends (one registry, `_backend.pick`):
+Backends (registered with `_backend.register` below the launch functions):
     cuda    csrc/int4_matmul_cuda.cu: decode GEMV (M <= 16 rows of x), 16-byte weight loads
     triton  M <= 16: split-K GEMV (`_int4_matmul_gemv_kernel`, partial sums reduced in fp32);
             M > 16: tiled GEMM on tl.dot (`_int4_matmul_fwd_kernel`)
@@ -242,24 +242,21 @@ def _backward_cuda(dy: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     return _backward_triton(dy, qw) if triton is not None else _backward_torch(dy, qw)
 
 
-_FORWARD = {"cuda": _forward_cuda, "triton": _forward_triton, "cpu": _forward_cpu, "torch": _forward_torch}
-_BACKWARD = {"cuda": _backward_cuda, "triton": _backward_triton, "cpu": _backward_cpu,
-             "torch": _backward_torch}
+def _compiled_dtype(x2: torch.Tensor, qw: QuantizedWeight) -> bool:
+    return x2.dtype in _COMPILED_DTYPES
 
 
-def _supported(x2: torch.Tensor, qw: QuantizedWeight):
-    """Backends that can take this case (shapes, dtypes, alignment)."""
-    out = ["torch"]
-    if x2.dtype in _COMPILED_DTYPES:
-        out.append("cpu")
-        if triton is not None:
-            out.append("triton")
-        # the CUDA GEMV reads 16-byte vectors of weight rows and of x: aligned pointers and rows
-        if (_backend.extension_has_cuda() and x2.shape[0] <= _GEMV_MAX_M
-                and qw.qweight.data_ptr() % 16 == 0 and x2.data_ptr() % 16 == 0
-                and (x2.stride(0) * x2.element_size()) % 16 == 0):
-            out.append("cuda")
-    return out
+def _cuda_case(x2: torch.Tensor, qw: QuantizedWeight) -> bool:
+    # the CUDA GEMV reads 16-byte vectors of weight rows and of x: aligned pointers and rows
+    return (x2.dtype in _COMPILED_DTYPES and x2.shape[0] <= _GEMV_MAX_M
+            and qw.qweight.data_ptr() % 16 == 0 and x2.data_ptr() % 16 == 0
+            and (x2.stride(0) * x2.element_size()) % 16 == 0)
+
+
+_backend.register("int4_matmul", "cuda", _forward_cuda, supports=_cuda_case, backward=_backward_cuda)
+_backend.register("int4_matmul", "triton", _forward_triton, supports=_compiled_dtype, backward=_backward_triton)
+_backend.register("int4_matmul", "cpu", _forward_cpu, supports=_compiled_dtype, backward=_backward_cpu)
+_backend.register("int4_matmul", "torch", _forward_torch, backward=_backward_torch)
 
 
 def _check(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> None:
@@ -280,14 +277,14 @@ class Int4MatmulFunction(torch.autograd.Function):
     """y = x2 @ W^T for x2 [M, K]; backward gives dx only (the weight is frozen)."""
 
     @staticmethod
-    def forward(ctx, x, qw, backend):
+    def forward(ctx, x, qw, impl):
         ctx.qw = qw
-        ctx.backend = backend
-        return _FORWARD[backend](x, qw)
+        ctx.impl = impl
+        return impl.fn(x, qw)
 
     @staticmethod
     def backward(ctx, dy):
-        return _BACKWARD[ctx.backend](dy, ctx.qw), None, None
+        return ctx.impl.backward(dy, ctx.qw), None, None
 
 
 def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -300,11 +297,11 @@ def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tenso
         return y if flat else y.reshape(*x.shape[:-1], qw.out_features)
     if x2.stride(-1) != 1:  # every kernel reads rows of x as unit-stride vectors
         x2 = x2.contiguous()
-    backend = _backend.pick("int4_matmul", x.device, _supported(x2, qw))
+    impl = _backend.dispatch("int4_matmul", x.device, x2, qw)
     if torch.is_grad_enabled() and x2.requires_grad:
-        y = Int4MatmulFunction.apply(x2, qw, backend)
+        y = Int4MatmulFunction.apply(x2, qw, impl)
     else:  # inference (decode): skip the autograd.Function's ~10 us per call
-        y = _FORWARD[backend](x2, qw)
+        y = impl.fn(x2, qw)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y if flat else y.reshape(*x.shape[:-1], qw.out_features)

@@ -21,7 +21,7 @@ Gradients: dq, dk, dv, the pool (summed into each selected slot: a slot picked b
 twice by one, gets both contributions) and prefix_weight. d out / d w at w == 0 is defined as 0:
 the slot is excluded, so the loss does not depend on it there.
 
-Backends (`mops_kernels._backend.pick`):
+Backends (registered with `_backend.register` above `prefix_attention`):
     triton  `_prefix_attention_triton`: fused forward (online softmax over the slots read from the
             pool through prefix_index, then the sequence tiles; decode splits S flash-decoding
             style with the prefix segment as one more split) and fused backward. No tensor of
@@ -201,18 +201,44 @@ def _needs_grad(*ts):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def _supported(q, has_prefix, grad):
-    """The backends that can take this case (shapes/dtypes/grad)."""
-    B, Hq, T, D = q.shape
-    out = ["torch"]
-    if (D & (D - 1)) == 0 and 16 <= D <= 128:
-        out.append("triton")
-    if not grad and T == 1:
-        if q.device.type == "cuda" and D in (64, 128) and _backend.ext_has("prefix_attention_cuda"):
-            out.append("cuda")
-        if q.device.type == "cpu" and _backend.ext_has("prefix_attention_cpu"):
-            out.append("cpu")
-    return out
+def _triton_case(q, has_prefix, grad):
+    D = q.shape[3]
+    return (D & (D - 1)) == 0 and 16 <= D <= 128
+
+
+def _cuda_case(q, has_prefix, grad):
+    return not grad and q.shape[2] == 1 and q.shape[3] in (64, 128) and _backend.ext_has("prefix_attention_cuda")
+
+
+def _cpu_case(q, has_prefix, grad):
+    return not grad and q.shape[2] == 1 and _backend.ext_has("prefix_attention_cpu")
+
+
+def _run_torch(q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens, attention_mask,
+               causal, scale):
+    return _torch_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens,
+                          attention_mask, causal, scale).to(q.dtype)
+
+
+def _run_triton(*args):
+    from ._prefix_attention_triton import prefix_attention_triton
+    return prefix_attention_triton(*args)
+
+
+def _extension_kernel(name):
+    def run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens, attention_mask,
+            causal, scale):
+        return getattr(_backend.extension(), name)(
+            q, k, v, prefix_k, prefix_v, prefix_index,
+            prefix_weight.float().contiguous() if prefix_weight is not None else None,
+            prefix_lens, attention_mask, causal, scale)
+    return run
+
+
+_backend.register("prefix_attention", "triton", _run_triton, supports=_triton_case)
+_backend.register("prefix_attention", "cuda", _extension_kernel("prefix_attention_cuda"), supports=_cuda_case)
+_backend.register("prefix_attention", "cpu", _extension_kernel("prefix_attention_cpu"), supports=_cpu_case)
+_backend.register("prefix_attention", "torch", _run_torch)
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -230,23 +256,11 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not has_prefix:
         prefix_k = prefix_v = prefix_index = prefix_weight = prefix_lens = None
     grad = _needs_grad(q, k, v, prefix_k, prefix_v, prefix_weight)
+    args = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens, attention_mask, causal, scale)
     # CPU with no prefixes (HF calls this on every layer of a bare model): SDPA for prefill and
     # training; decode (T = 1, no grad) goes to the registry, whose C++ kernel is faster there
     # (`benchmarks/bench_prefix_attention.py --quick`, rows *_no_prefix, SmolLM2 heads, S=200:
     # 0.049 vs 0.160 ms at B=1, 0.234 vs 0.360 ms at B=8).
-    if not has_prefix and q.device.type == "cpu" and _backend.forced() is None and (q.shape[2] > 1 or grad):
-        backend = "torch"
-    else:
-        backend = _backend.pick(_OP, q.device, _supported(q, has_prefix, grad))
-    if backend == "torch":
-        return _torch_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight,
-                              prefix_lens, attention_mask, causal, scale).to(q.dtype)
-    if backend == "triton":
-        from ._prefix_attention_triton import prefix_attention_triton
-        return prefix_attention_triton(q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight,
-                                       prefix_lens, attention_mask, causal, scale)
-    ext = _backend.extension()
-    fn = ext.prefix_attention_cuda if backend == "cuda" else ext.prefix_attention_cpu
-    return fn(q, k, v, prefix_k, prefix_v, prefix_index,
-              prefix_weight.float().contiguous() if prefix_weight is not None else None,
-              prefix_lens, attention_mask, causal, scale)
+    if not has_prefix and q.device.type == "cpu" and _backend.forced(_OP) is None and (q.shape[2] > 1 or grad):
+        return _run_torch(*args)
+    return _backend.dispatch(_OP, q.device, q, has_prefix, grad).fn(*args)

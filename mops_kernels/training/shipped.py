@@ -1,44 +1,4 @@
-"""The MoPs bank + gate shipped in the package, trained by `python/experiment.py --small --ship` on the
-4-bit SmolLM2-135M (see README, "Training"): mops_kernels/data/mops_{bank,gate}.safetensors and
-mops_kernels/data/mops.json (placement, the task names, the gate's routing on validation, the command).
+"""Moved to `mops_kernels.shipped` (the shipped bank is not part of training); kept importable here."""
+from ..shipped import DATA, SHIPPED, load_shipped, shipped_info  # noqa: F401
 
-    prompts = load_shipped(model)          # MixtureOfPrompts ready for mops_kernels.attach, or None
-    attach(model, prompts)
-"""
-from __future__ import annotations
-
-import json
-import os
-from typing import Optional
-
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-SHIPPED = {"bank": os.path.join(DATA, "mops_bank.safetensors"),
-           "gate": os.path.join(DATA, "mops_gate.safetensors"),
-           "meta": os.path.join(DATA, "mops.json")}
-
-
-def shipped_info() -> Optional[dict]:
-    """mops.json of the shipped bank (tasks, routing, validation ppl, command), or None when absent."""
-    if not os.path.isfile(SHIPPED["meta"]):
-        return None
-    with open(SHIPPED["meta"]) as f:
-        return json.load(f)
-
-
-def load_shipped(model=None, device=None):
-    """The shipped MixtureOfPrompts (bank + smart gate), or None when its files are absent.
-
-    With `model`, the prompts are put on its device and checked against it (ValueError naming the
-    mismatch: the bank was trained for SmolLM2-135M's 30 layers, 3 KV heads of 64, hidden 576)."""
-    from ..modules.prompts import MixtureOfPrompts, PromptBank, SmartGate
-    info = shipped_info()
-    if info is None or not all(os.path.isfile(SHIPPED[k]) for k in ("bank", "gate")):
-        return None
-    if device is None and model is not None:
-        device = next(model.parameters()).device
-    bank = PromptBank.load(SHIPPED["bank"], device=device)
-    gate = SmartGate.load(SHIPPED["gate"], device=device)
-    prompts = MixtureOfPrompts(bank, gate, info["inject_from"], info.get("position_offset", 0))
-    if model is not None:
-        prompts.check_compatible(model)
-    return prompts.eval()
+__all__ = ["DATA", "SHIPPED", "load_shipped", "shipped_info"]

@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules.prompts import InstructionPromptGenerator, MixtureOfPrompts, PromptBank, _model_dims
+from ..families import decoder_layers, model_dims
+from ..modules.prompts import (InstructionPromptGenerator, MixtureOfPrompts, PromptBank, load_tensors,
+                               save_tensors)
 from .data import collate
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -71,7 +73,7 @@ def build_prompts(model, mode: str, *, num_experts: int = 4, prompt_len: int = 8
     iapt_bottleneck). Initialised from `seed`."""
     torch.manual_seed(seed)
     if mode == "iapt":
-        dims = _model_dims(model)
+        dims = model_dims(model)
         L = dims["num_layers"]
         return InstructionPromptGenerator(dims["hidden_size"], L, range(inject_from, L),
                                           bottleneck=iapt_bottleneck).to(next(model.parameters()).device)
@@ -79,7 +81,7 @@ def build_prompts(model, mode: str, *, num_experts: int = 4, prompt_len: int = 8
         return MixtureOfPrompts.for_model(model, num_experts=num_experts, prompt_len=prompt_len, top_k=top_k,
                                           gate_layer=gate_layer, inject_from=inject_from, gate_hidden=gate_hidden)
     if mode == "single":
-        dims = _model_dims(model)
+        dims = model_dims(model)
         L = dims["num_layers"]
         dev = next(model.parameters()).device
         bank = PromptBank(L, range(inject_from, L), 1, num_experts * prompt_len, dims["num_kv_heads"],
@@ -94,16 +96,14 @@ def save_prompts(prompts, directory: str) -> None:
     if not isinstance(prompts, InstructionPromptGenerator):
         prompts.save(directory)
         return
-    from ..modules.prompts import _save_tensors
     os.makedirs(directory, exist_ok=True)
-    _save_tensors(os.path.join(directory, "iapt.safetensors"), dict(prompts.state_dict()),
+    save_tensors(os.path.join(directory, "iapt.safetensors"), dict(prompts.state_dict()),
                   dict(hidden_size=prompts.hidden_size, num_layers=prompts.num_layers,
                        inject_layers=list(prompts.inject_layers), bottleneck=prompts.bottleneck))
 
 
 def load_iapt(directory: str, device=None) -> InstructionPromptGenerator:
-    from ..modules.prompts import _load_tensors
-    tensors, cfg = _load_tensors(os.path.join(directory, "iapt.safetensors"), device)
+    tensors, cfg = load_tensors(os.path.join(directory, "iapt.safetensors"), device)
     gen = InstructionPromptGenerator(**cfg)
     gen.load_state_dict(tensors)
     return gen.to(device) if device is not None else gen
@@ -172,7 +172,7 @@ class PromptTrainer:
                else MixtureOfPrompts(prompts.bank, None, prompts.inject_from))
         self._hook = None
         if self.gate is not None:
-            layer = model.model.layers[self.gate.gate_layer]
+            layer = decoder_layers(model)[self.gate.gate_layer]
             self._hook = layer.register_forward_hook(self._gate_hook, with_kwargs=True)
 
     # ---------------------------------------------------------------- forward pieces
