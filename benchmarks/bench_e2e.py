@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from harness import Bench  # noqa: E402
 
 import mops_kernels  # noqa: E402
-from mops_kernels.integrations.engine import Engine  # noqa: E402
+from mops_kernels.serving import Engine  # noqa: E402
 
 LLAMA7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -56,7 +56,7 @@ def prompts(B, T, vocab, seed=0):
 
 def engine_step(model, mops, ids, steps, device):
     B, T = ids.shape
-    eng = Engine(model, mops, max_batch=B, max_len=T + steps + 4)
+    eng = Engine(model, mops, max_batch=B, max_len=T + steps + 4, eos_token_id=[])   # fixed batch: no EOS
     for b in range(B):
         if mops is None:
             eng.submit(ids[b], max_new_tokens=steps + 2)

@@ -32,7 +32,7 @@ _LAZY = {
     "attach": "mops_kernels.integrations.hf",
     "detach": "mops_kernels.integrations.hf",
     "from_peft": "mops_kernels.integrations.peft_import",
-    "Engine": "mops_kernels.integrations.engine",
+    "Engine": "mops_kernels.serving.engine",
     "load_shipped": "mops_kernels.shipped",
     # backends
     "backend_info": "mops_kernels._backend",

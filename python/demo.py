@@ -12,7 +12,7 @@ bank and gate shipped in the package (mops_kernels/data, trained by `python3 pyt
 --small --ship` on 10 BIG-bench tasks) and asks it one held-out test example per task, printing the
 reference answer beside ours; if those files are absent, an untrained (random) bank, labelled so.
 
-"Ours" answers the prompts through the serving Engine (mops_kernels.integrations.engine: static KV
+"Ours" answers the prompts through the serving Engine (mops_kernels.serving: static KV
 cache, the lean decode step with fused int4 q/k/v and gate/up matmuls), greedy, every request
 submitted at once without padding. The baseline is transformers' own float32 model loaded from the
 same GGUF file, answering the same prompts (left-padded) with `generate()` (greedy); the demo checks
@@ -46,7 +46,7 @@ from mops_kernels import _backend  # noqa: E402
 from mops_kernels.examples import EXAMPLE_PROMPTS as PROMPTS  # noqa: E402
 from mops_kernels.integrations.backbone import chat_batch, default_gguf_path  # noqa: E402
 from mops_kernels.shipped import load_shipped, shipped_info  # noqa: E402
-from mops_kernels.integrations.engine import Engine  # noqa: E402
+from mops_kernels.serving import Engine  # noqa: E402
 
 
 def int4_backend():

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 import mops_kernels  # noqa: E402
-from mops_kernels.integrations.engine import Engine, summarize  # noqa: E402
+from mops_kernels.serving import Engine, summarize  # noqa: E402
 
 BUILT_IN = [
     "Write a haiku about the sea.",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _hf_doubles import Generator, tiny_model, tiny_mops
-from mops_kernels.integrations.engine import Engine, summarize
+from mops_kernels.serving import Engine, summarize
 from mops_kernels.integrations.hf import attach
 
 
@@ -24,7 +24,7 @@ def _hf_alone(model, ids, new, **kw):
 def test_engine_matches_generate_with_joins(kind):
     model = tiny_model()
     mops = tiny_mops(model, with_gate=(kind == "gate"))
-    eng = Engine(model, mops, max_batch=3, max_len=48)
+    eng = Engine(model, mops, max_batch=3, max_len=48, eos_token_id=[])
     prompts = _prompts(5)
     news = [6, 9, 4, 7, 5]
     experts = [[0, 3], [2], [4, 1], None, [1, 2]]
@@ -65,7 +65,7 @@ def test_engine_matches_generate_with_joins(kind):
 def test_engine_iapt_and_stream():
     model = tiny_model()
     gen = Generator(model.config.hidden_size, [2, 3])
-    eng = Engine(model, gen, max_batch=2, max_len=40)
+    eng = Engine(model, gen, max_batch=2, max_len=40, eos_token_id=[])
     prompts = _prompts(3, seed=9)
     reqs = [eng.submit(p, max_new_tokens=5) for p in prompts]
     events = list(eng.stream())
@@ -101,7 +101,7 @@ def test_engine_smollm_matches_generate():
         mops.bank.keys.normal_(0, 1.0), mops.bank.values.normal_(0, 1.0)
     texts = ["The sea is", "Two plus two equals four because"]
     ids = [tok(t, return_tensors="pt")["input_ids"][0] for t in texts]
-    eng = Engine(model, mops, max_batch=2, max_len=32)
+    eng = Engine(model, mops, max_batch=2, max_len=32, eos_token_id=[])
     reqs = [eng.submit(ids[0], expert_index=[1, 3], expert_weight=[0.6, 0.4], max_new_tokens=4),
             eng.submit(ids[1], max_new_tokens=4)]           # the gate picks
     eng.run_until_done()
@@ -125,7 +125,7 @@ def _int4_tiny(seed=0, family="llama"):
 @pytest.mark.parametrize("M", [1, 3, 8])
 def test_fused_projection_equals_separate_layers(M):
     """q/k/v (and gate/up) concatenated along N give, bit for bit, the three layers' outputs."""
-    from mops_kernels.integrations.engine import _Proj
+    from mops_kernels.serving.decode import FusedProj as _Proj
     model = _int4_tiny()
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
     x = torch.randn(M, 96)
@@ -160,7 +160,7 @@ def test_rope_table_and_rmsnorm_equal_the_modules():
 def test_engine_int4_steps_only_busy_rows_and_matches_generate(monkeypatch):
     """One request in a max_batch=4 engine: the step runs 1 row over len+1 columns; tokens = generate()."""
     model = _int4_tiny(seed=3)
-    eng = Engine(model, None, max_batch=4, max_len=48)
+    eng = Engine(model, None, max_batch=4, max_len=48, eos_token_id=[])
     seen = []
     orig = eng._decode_step
     monkeypatch.setattr(eng, "_decode_step", lambda n, S: seen.append((n, S)) or orig(n, S))
@@ -185,7 +185,7 @@ def test_engine_int4_families_match_generate(family):
     model = _int4_tiny(seed=4, family=family)
     attn = model.model.layers[0].self_attn
     assert (attn.q_proj.bias is not None) == (family == "qwen2")
-    eng = Engine(model, tiny_mops(model, with_gate=True), max_batch=2, max_len=40)
+    eng = Engine(model, tiny_mops(model, with_gate=True), max_batch=2, max_len=40, eos_token_id=[])
     prompts = _prompts(3, seed=21)
     reqs = [eng.submit(p, max_new_tokens=5) for p in prompts]
     eng.run_until_done()
@@ -238,7 +238,7 @@ def test_engine_sampling_equals_hf_generate_with_the_same_seed():
 
 
 def test_sampling_limits_are_greedy():
-    from mops_kernels.integrations.engine import sample_token
+    from mops_kernels.serving.sampling import sample_token
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         logits = torch.randn(97, generator=g) * 3
