@@ -78,6 +78,24 @@ class Plan:
             return self.inject_layers
         return list(range(self.inject_from, num_layers))
 
+    # The prompt objects are duck-typed: the hooks below are optional on them.
+    def bank_weight(self, layer_idx, weight, index):
+        """prefix_weight [B, k] of a bank layer: the requests' weights, times the bank's per-layer
+        weight when it has one (PromptBank.prefix_weight)."""
+        fn = getattr(self.bank, "prefix_weight", None)
+        return weight if fn is None else fn(layer_idx, weight, index)
+
+    def generator_weight(self, layer_idx, batch, device):
+        fn = getattr(self.generator, "prefix_weight", None)
+        return None if fn is None else fn(layer_idx, batch, device)
+
+    def generator_prefix(self, layer_module, layer_idx, H, mask):
+        """(k, v) [B, 4, Hkv, D] of an IAPT layer from the hidden states entering it."""
+        fn = getattr(self.generator, "prefix", None)
+        if fn is not None:
+            return fn(layer_module, layer_idx, H, mask)
+        return self.generator.to_prefix(layer_module, self.generator(layer_idx, H, mask))
+
 
 def validate(model, plan):
     """Check that `model` is a supported family and `plan` fits it; returns its decoder layers."""
@@ -179,12 +197,14 @@ class _Request:
         if plan.generator is not None and layer_idx in self.iapt:
             k, v = self.iapt[layer_idx]
             B = k.shape[0]
-            return k, v, torch.arange(B, dtype=torch.int32, device=device).view(B, 1), None, None
+            return k, v, torch.arange(B, dtype=torch.int32, device=device).view(B, 1), \
+                plan.generator_weight(layer_idx, B, device), None
         if plan.bank is not None and layer_idx >= plan.inject_from and self.index is not None:
             kv = plan.bank.layer(layer_idx)
             if kv is not None:
-                return kv[0], kv[1], self.index.to(device), \
-                    None if self.weight is None else self.weight.to(device), plan.bank.lens
+                index = self.index.to(device)
+                w = None if self.weight is None else self.weight.to(device)
+                return kv[0], kv[1], index, plan.bank_weight(layer_idx, w, index), plan.bank.lens
         return None, None, None, None, None
 
 
@@ -246,8 +266,7 @@ def attach(model, prompts=None, *, quantize=False):
                 H = args[0] if args else kwargs["hidden_states"]
                 T = H.shape[1]
                 m = req.mask[:, -T:] if req.mask is not None else H.new_ones(H.shape[:2])
-                soft = plan.generator(l, H, m)
-                req.iapt[l] = plan.generator.to_prefix(mod, soft)
+                req.iapt[l] = plan.generator_prefix(mod, l, H, m)
             hooks.append(layers[l].register_forward_pre_hook(iapt_hook, with_kwargs=True))
 
     state = _Attached(plan, model.config._attn_implementation, hooks)

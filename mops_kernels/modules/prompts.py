@@ -74,7 +74,8 @@ class PromptBank(nn.Module):
     """
 
     def __init__(self, num_layers: int, inject_layers: Sequence[int], num_experts: int, prompt_len: int,
-                 num_kv_heads: int, head_dim: int, dtype=torch.float32, device=None, init_std: float = 0.02):
+                 num_kv_heads: int, head_dim: int, dtype=torch.float32, device=None, init_std: float = 0.02,
+                 layer_log_weight: Optional[float] = None):
         super().__init__()
         for name, v in (("num_layers", num_layers), ("num_experts", num_experts),
                         ("prompt_len", prompt_len), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -88,12 +89,29 @@ class PromptBank(nn.Module):
         self.keys = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
         self.values = nn.Parameter(torch.randn(shape, dtype=dtype, device=device) * init_std)
         self.register_buffer("lens", torch.full((num_experts,), prompt_len, dtype=torch.int32, device=device))
+        # An optional learnable log-weight per injected layer, added (through prefix_weight) to the
+        # logits of every prefix key of that layer. Started low (e.g. -6) it makes a fresh bank a
+        # near no-op on the frozen model (training then opens it); None = weight 1 (no parameter).
+        self.layer_log_weight_init = None if layer_log_weight is None else float(layer_log_weight)
+        self.layer_log_weight = None if layer_log_weight is None else nn.Parameter(
+            torch.full((len(self.inject_layers),), float(layer_log_weight), dtype=torch.float32, device=device))
 
     def config(self) -> dict:
         return dict(num_layers=self.num_layers, inject_layers=self.inject_layers,
                     num_experts=self.num_experts, prompt_len=self.prompt_len,
                     num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                    dtype=str(self.keys.dtype).replace("torch.", ""), init_std=self.init_std)
+                    dtype=str(self.keys.dtype).replace("torch.", ""), init_std=self.init_std,
+                    layer_log_weight=self.layer_log_weight_init)
+
+    def prefix_weight(self, layer_idx: int, weight: Optional[torch.Tensor], index: torch.Tensor):
+        """The prefix_weight [B, k] fp32 of layer `layer_idx` for requests whose slots are `index`
+        [B, k]: the requests' expert weights (None = 1) times exp(layer_log_weight[layer]), or
+        `weight` itself when the bank has no layer weights."""
+        if self.layer_log_weight is None:
+            return weight
+        i = self._pos[int(layer_idx)]
+        w = torch.ones(index.shape, dtype=torch.float32, device=index.device) if weight is None else weight
+        return w * self.layer_log_weight[i].to(w.device).exp()
 
     def layer(self, layer_idx: int):
         """(prefix_k, prefix_v) [E, P, Hkv, D] views of layer `layer_idx`, or None if not injected."""
@@ -171,7 +189,7 @@ class SmartGate(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, gate_layer: int,
-                 gate_hidden: int = 256, activation: str = "gelu"):
+                 gate_hidden: int = 256, activation: str = "gelu", weight_scale: float = 1.0):
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("num_experts", num_experts),
                         ("gate_hidden", gate_hidden)):
@@ -185,6 +203,13 @@ class SmartGate(nn.Module):
             raise ValueError(f"activation must be one of {sorted(ACTIVATION_IDS)}, got {activation!r}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.gate_layer, self.gate_hidden, self.activation = gate_layer, gate_hidden, activation
+        # forward's weights are gate_topk's renormalised top-k weights times weight_scale: with
+        # weight_scale = top_k a uniform gate gives every selected expert weight 1, i.e. the same
+        # attention as one prompt made of the k experts' tokens (MoPs vs a k*P-token prompt).
+        weight_scale = float(weight_scale)
+        if not weight_scale > 0 or weight_scale == float("inf"):
+            raise ValueError(f"weight_scale must be a finite number > 0, got {weight_scale!r}")
+        self.weight_scale = weight_scale
         self.w1 = nn.Parameter(torch.randn(gate_hidden, hidden_size) * hidden_size ** -0.5)
         self.b1 = nn.Parameter(torch.zeros(gate_hidden))
         self.w2 = nn.Parameter(torch.randn(num_experts, gate_hidden) * gate_hidden ** -0.5)
@@ -192,12 +217,15 @@ class SmartGate(nn.Module):
 
     def config(self) -> dict:
         return dict(hidden_size=self.hidden_size, num_experts=self.num_experts, top_k=self.top_k,
-                    gate_layer=self.gate_layer, gate_hidden=self.gate_hidden, activation=self.activation)
+                    gate_layer=self.gate_layer, gate_hidden=self.gate_hidden, activation=self.activation,
+                    weight_scale=self.weight_scale)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor):
-        """hidden [B, T, d], mask [B, T] -> (indices int32 [B, k], weights fp32 [B, k])."""
-        return gate_topk(hidden, mask, self.w1, self.b1, self.w2, self.b2, self.top_k,
-                         activation=self.activation)
+        """hidden [B, T, d], mask [B, T] -> (indices int32 [B, k], weights fp32 [B, k]): gate_topk's
+        weights (summing to 1) times weight_scale."""
+        idx, w = gate_topk(hidden, mask, self.w1, self.b1, self.w2, self.b2, self.top_k,
+                           activation=self.activation)
+        return idx, (w if self.weight_scale == 1.0 else w * self.weight_scale)
 
     def scores(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The routing head's logits s [B, E] in fp32 (differentiable)."""
@@ -227,10 +255,19 @@ class InstructionPromptGenerator(nn.Module):
 
     Per injected layer (stacked on dim 0): w_down [d, m], w_sa [m, 4], a [6], b [4] (GELU
     initialisation of the rational activation), w_up [m, d].
+
+    Options of the training recipe (off by default: files saved before them load unchanged):
+    - normalize_input: `prefix()` feeds the generator the hidden states through the frozen layer's
+      own input norm (the raw residual stream reaches |h| ~ 1e4 in middle layers, far outside the
+      rational activation's GELU fit), and drop_first_token leaves each row's first real token out
+      of the pooling (the attention-sink position, whose hidden state dwarfs the others);
+    - layer_log_weight: a learnable log-weight per injected layer on the generated prefix keys
+      (`prefix_weight`); started low, a fresh generator is a near no-op on the frozen model.
     """
 
     def __init__(self, hidden_size: int, num_layers: int, inject_layers: Sequence[int],
-                 bottleneck: int = 64, num_tokens: int = 4):
+                 bottleneck: int = 64, num_tokens: int = 4, normalize_input: bool = False,
+                 drop_first_token: bool = False, layer_log_weight: Optional[float] = None):
         super().__init__()
         if num_tokens != 4:
             raise ValueError(f"num_tokens must be 4 (the fused pooling kernel has 4 heads), got {num_tokens}")
@@ -249,6 +286,33 @@ class InstructionPromptGenerator(nn.Module):
         self.b = nn.Parameter(torch.tensor(reference.RATIONAL_GELU_B).repeat(n, 1))
         # Small soft tokens at start: the frozen model is barely disturbed before training.
         self.w_up = nn.Parameter(torch.randn(n, m, d) * 0.02)
+        self.normalize_input, self.drop_first_token = bool(normalize_input), bool(drop_first_token)
+        self.layer_log_weight_init = None if layer_log_weight is None else float(layer_log_weight)
+        self.layer_log_weight = None if layer_log_weight is None else nn.Parameter(
+            torch.full((n,), float(layer_log_weight), dtype=torch.float32))
+
+    def config(self) -> dict:
+        return dict(hidden_size=self.hidden_size, num_layers=self.num_layers,
+                    inject_layers=list(self.inject_layers), bottleneck=self.bottleneck,
+                    normalize_input=self.normalize_input, drop_first_token=self.drop_first_token,
+                    layer_log_weight=self.layer_log_weight_init)
+
+    def prefix(self, layer_module: nn.Module, layer_idx: int, H: torch.Tensor, mask: torch.Tensor):
+        """(k, v) [B, 4, Hkv, D] of layer `layer_idx` from the hidden states H [B, n, d] entering it
+        and the instruction mask [B, n]: the options above, forward, then to_prefix."""
+        if self.normalize_input:
+            H = layer_module.input_layernorm(H)
+        if self.drop_first_token:
+            m = mask.to(torch.int32)
+            mask = (m * (m.cumsum(-1) > 1)).to(mask.dtype)
+        return self.to_prefix(layer_module, self(layer_idx, H, mask))
+
+    def prefix_weight(self, layer_idx: int, batch: int, device) -> Optional[torch.Tensor]:
+        """prefix_weight [B, 1] fp32 of the generated slot at layer `layer_idx` (None = weight 1)."""
+        if self.layer_log_weight is None:
+            return None
+        w = self.layer_log_weight[self._pos[int(layer_idx)]].to(device).exp()
+        return w.reshape(1, 1).expand(batch, 1).contiguous()
 
     def forward(self, layer_idx: int, H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """H [B, n, d] entering layer `layer_idx`, mask [B, n] -> soft tokens [B, 4, d] (H's dtype)."""

@@ -137,11 +137,13 @@ class SlotCache:
         plan = self.plan
         if l in self.iapt:
             pk, pv = self.iapt[l]
-            return pk, pv, self.rows_i32[rows], None, None
+            idx = self.rows_i32[rows]
+            return pk, pv, idx, plan.generator_weight(l, idx.shape[0], idx.device), None
         if plan.bank is not None and l >= plan.inject_from:
             kv = plan.bank.layer(l)
             if kv is not None:
-                return kv[0], kv[1], self.index[rows], self.weight[rows], plan.bank.lens
+                idx = self.index[rows]
+                return kv[0], kv[1], idx, plan.bank_weight(l, self.weight[rows], idx), plan.bank.lens
         return None, None, None, None, None
 
 

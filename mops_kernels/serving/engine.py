@@ -348,7 +348,7 @@ class Engine:
         cos, sin = self.rotary(h, pos)
         for l, layer in enumerate(self.layers):
             if l in c.iapt:
-                pk, pv = plan.generator.to_prefix(layer, plan.generator(l, h, pad))
+                pk, pv = plan.generator_prefix(layer, l, h, pad)
                 c.iapt[l][0][slots], c.iapt[l][1][slots] = pk, pv
             q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
             c.K[l][slots, :, :T], c.V[l][slots, :, :T] = k, v

@@ -59,6 +59,53 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     progress: bool = True
+    # The recipe (defaults = a constant lr, no clipping, as before): linear warm-up over
+    # warmup_steps, then cosine decay to min_lr_ratio * lr at `steps` (schedule="cosine");
+    # gradients clipped to clip_norm (global L2 over the prompt parameters); the per-layer prefix
+    # log-weights and IAPT's rational coefficients get their own lr (default: lr).
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    clip_norm: Optional[float] = None
+    layer_weight_lr: Optional[float] = None
+    rational_lr: Optional[float] = None
+
+    def lr_factor(self, step: int) -> float:
+        """The multiplier of every group's base lr at (0-based) step `step`."""
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        span = max(1, self.steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# Trainer settings that may change between a checkpoint and its resumption (display, cadence).
+RESUME_FREE = ("progress", "checkpoint_every")
+
+
+def param_groups(prompts, config: TrainConfig) -> List[dict]:
+    """AdamW groups: prompt tensors (lr), gate (gate_lr), per-layer prefix log-weights
+    (layer_weight_lr), IAPT rational coefficients a/b (rational_lr, kept fp32); empty groups dropped."""
+    named = {"prompt": [], "gate": [], "layer_weight": [], "rational": []}
+    for n, p in prompts.named_parameters():
+        leaf = n.rsplit(".", 1)[-1]
+        if n.startswith("gate."):
+            named["gate"].append(p)
+        elif leaf == "layer_log_weight":
+            named["layer_weight"].append(p)
+        elif isinstance(prompts, InstructionPromptGenerator) and leaf in ("a", "b"):
+            if p.dtype != torch.float32:
+                raise ValueError(f"the rational coefficients {n} must be float32, got {p.dtype}")
+            named["rational"].append(p)
+        else:
+            named["prompt"].append(p)
+    lrs = {"prompt": config.lr, "gate": config.gate_lr or config.lr,
+           "layer_weight": config.layer_weight_lr or config.lr, "rational": config.rational_lr or config.lr}
+    return [{"params": ps, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, ps in named.items() if ps]
 
 
 MODES = ("single", "mops", "iapt")
@@ -97,9 +144,7 @@ def save_prompts(prompts, directory: str) -> None:
         prompts.save(directory)
         return
     os.makedirs(directory, exist_ok=True)
-    save_tensors(os.path.join(directory, "iapt.safetensors"), dict(prompts.state_dict()),
-                  dict(hidden_size=prompts.hidden_size, num_layers=prompts.num_layers,
-                       inject_layers=list(prompts.inject_layers), bottleneck=prompts.bottleneck))
+    save_tensors(os.path.join(directory, "iapt.safetensors"), dict(prompts.state_dict()), prompts.config())
 
 
 def load_iapt(directory: str, device=None) -> InstructionPromptGenerator:
@@ -121,10 +166,17 @@ class _InstructionOnly:
         self.generator, self.trainer = generator, trainer
         self.inject_layers, self.inject_from = generator.inject_layers, generator.inject_from
         self.to_prefix, self.check_compatible = generator.to_prefix, generator.check_compatible
+        self.prefix_weight = generator.prefix_weight
+
+    def _mask(self, H, mask):
+        m = self.trainer._input_mask
+        return mask if m is None else m[:, -H.shape[1]:].to(H.device)
 
     def __call__(self, layer_idx, H, mask):
-        m = self.trainer._input_mask
-        return self.generator(layer_idx, H, mask if m is None else m[:, -H.shape[1]:].to(H.device))
+        return self.generator(layer_idx, H, self._mask(H, mask))
+
+    def prefix(self, layer_module, layer_idx, H, mask):
+        return self.generator.prefix(layer_module, layer_idx, H, self._mask(H, mask))
 
 
 def _flatten_opt(opt: torch.optim.Optimizer):
@@ -145,6 +197,46 @@ def _unflatten_opt(tensors: Dict[str, torch.Tensor], param_groups) -> dict:
     return {"state": state, "param_groups": param_groups}
 
 
+def score_items(logits_of, items: Sequence[dict], pad_id: int, batch_size: int) -> List[dict]:
+    """PromptTrainer.evaluate_items for any `logits_of(batch) -> [B, T, V]` (e.g. the bare model)."""
+    out = []
+    for s in range(0, len(items), batch_size):
+        batch = collate(items[s:s + batch_size], pad_id)
+        logits = logits_of(batch).float()
+        labels = batch["labels"].to(logits.device)[:, 1:]
+        tok_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        valid = labels != -100
+        hit = (logits[:, :-1].argmax(-1) == labels) | ~valid
+        for i, lab in enumerate(batch["task"].tolist()):
+            out.append(dict(label=lab, nll=float(tok_nll[i][valid[i]].sum()), tokens=int(valid[i].sum()),
+                            exact=int(bool(hit[i].all()) and bool(valid[i].any()))))
+    return out
+
+
+def pretrain_gate(gate, features: torch.Tensor, targets: torch.Tensor, steps: int, lr: float = 1e-2,
+                  batch_size: int = 32, seed: int = 0) -> List[float]:
+    """Train the gate's routing head on cached pooled features [N, d] against expert targets [N]
+    (cross-entropy of its scores; outside the LM step budget). Returns the losses."""
+    if features.dim() != 2 or features.shape[0] != targets.shape[0]:
+        raise ValueError(f"features [N, d] and targets [N] must agree, got {tuple(features.shape)} and "
+                         f"{tuple(targets.shape)}")
+    opt = torch.optim.AdamW(gate.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    dev = gate.w1.device
+    feats, targets = features.to(dev), targets.to(dev).long()
+    ones = torch.ones(1, 1, device=dev)
+    losses = []
+    for _ in range(steps):
+        sel = torch.randint(0, feats.shape[0], (min(batch_size, feats.shape[0]),), generator=g).to(dev)
+        x = feats[sel][:, None, :]
+        loss = F.cross_entropy(gate.scores(x, ones.expand(x.shape[0], 1)), targets[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
 class PromptTrainer:
     """See the module docstring. `items` are data.encode() outputs (ids, n_input, label)."""
 
@@ -161,11 +253,8 @@ class PromptTrainer:
         self.iapt = isinstance(prompts, InstructionPromptGenerator)
         self.device = next(model.parameters()).device
         self.step = 0
-        groups = [{"params": [p for n, p in prompts.named_parameters() if not n.startswith("gate.")],
-                   "lr": config.lr}]
-        if self.gate is not None:
-            groups.append({"params": list(self.gate.parameters()), "lr": config.gate_lr or config.lr})
-        self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.opt = torch.optim.AdamW(param_groups(prompts, config), lr=config.lr,
+                                     weight_decay=config.weight_decay)
         self._input_mask = None
         self._capture = None
         attach(model, _InstructionOnly(prompts, self) if self.iapt
@@ -247,14 +336,35 @@ class PromptTrainer:
         path = os.path.join(directory, CHECKPOINT)
         tmp = path + ".tmp"
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)            # a crash mid-write never leaves a torn checkpoint
+        # the bytes reach the disk before the rename, and the rename before we go on: a crash
+        # (or power loss) never leaves a torn or missing checkpoint
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
         return path
 
-    def load_checkpoint(self, path: str) -> int:
+    def load_checkpoint(self, path: str, allow_config_change: bool = False) -> int:
+        """Restore parameters, optimizer, RNG and step. A checkpoint written under another
+        TrainConfig is refused (ValueError naming the fields) unless allow_config_change."""
         from safetensors import safe_open
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        defaults = dataclasses.asdict(TrainConfig())      # a field added since: its default
+        saved = {**defaults, **json.loads(meta.get("config", "{}"))}
+        now = dataclasses.asdict(self.cfg)
+        changed = sorted(k for k in set(saved) | set(now)
+                         if k not in RESUME_FREE and saved.get(k) != now.get(k))
+        if changed and not allow_config_change:
+            raise ValueError(f"{path} was written with another training configuration: "
+                             + ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+                             + " (resume with the same settings, or allow_config_change=True / "
+                               "--override-config to continue anyway)")
         params = dict(self.named_trainables())
         names = {k[len("param."):] for k in tensors if k.startswith("param.")}
         if names != set(params):
@@ -281,16 +391,25 @@ class PromptTrainer:
             loss = self.routing_loss(batch)
         else:
             loss = self._forward(batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {float(loss)} at step {self.step}")
         loss.backward()
+        if self.cfg.clip_norm:
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]],
+                                           self.cfg.clip_norm)
+        f = self.cfg.lr_factor(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * f
         self.opt.step()
         self.step += 1
         return float(loss.detach())
 
     def train(self, checkpoint_dir: Optional[str] = None, resume: bool = True,
-              stop_at: Optional[int] = None, on_step: Optional[Callable[[int, float], None]] = None) -> List[float]:
+              stop_at: Optional[int] = None, on_step: Optional[Callable[[int, float], None]] = None,
+              allow_config_change: bool = False) -> List[float]:
         """Run to cfg.steps (or stop_at); returns the losses of the steps run here."""
         if checkpoint_dir and resume and os.path.isfile(os.path.join(checkpoint_dir, CHECKPOINT)):
-            self.load_checkpoint(os.path.join(checkpoint_dir, CHECKPOINT))
+            self.load_checkpoint(os.path.join(checkpoint_dir, CHECKPOINT), allow_config_change)
         end = min(self.cfg.steps, stop_at if stop_at is not None else self.cfg.steps)
         bar = None
         if self.cfg.progress:
@@ -327,22 +446,38 @@ class PromptTrainer:
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, items: Sequence[dict], batch_size: Optional[int] = None) -> dict:
-        """Perplexity on the target tokens: {"overall", "per_task": {label: ppl}, "tokens": {label: n}}."""
+    def evaluate_items(self, items: Sequence[dict], batch_size: Optional[int] = None) -> List[dict]:
+        """Per item, in order: {"label", "nll": summed NLL of its target tokens, "tokens": their
+        count, "exact": 1 if the argmax at every target position is the target token (teacher
+        forced), else 0}."""
         self.prompts.eval()
+        return score_items(lambda batch: self._forward(batch).logits, items, self.pad_id,
+                           batch_size or self.cfg.batch_size)
+
+    @torch.no_grad()
+    def gate_features(self, items: Sequence[dict], batch_size: Optional[int] = None) -> torch.Tensor:
+        """[N, d] fp32: the masked mean over each item's instruction tokens of the hidden state after
+        gate_layer (what the gate pools): cached once, the gate's routing head trains on it."""
+        if self.gate is None:
+            raise ValueError("gate_features needs prompts with a gate")
         bs = batch_size or self.cfg.batch_size
-        nll: Dict[int, float] = {}
-        count: Dict[int, int] = {}
+        out = []
         for s in range(0, len(items), bs):
             batch = collate(items[s:s + bs], self.pad_id)
-            logits = self._forward(batch).logits.float()
-            labels = batch["labels"].to(logits.device)[:, 1:]
-            tok_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
-                                      reduction="none")
-            valid = labels != -100
-            for i, lab in enumerate(batch["task"].tolist()):
-                nll[lab] = nll.get(lab, 0.0) + float(tok_nll[i][valid[i]].sum())
-                count[lab] = count.get(lab, 0) + int(valid[i].sum())
+            h = self._gate_hidden(batch).float()
+            m = batch["input_mask"].to(h.device).float()
+            out.append((h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate(self, items: Sequence[dict], batch_size: Optional[int] = None) -> dict:
+        """Perplexity on the target tokens: {"overall", "per_task": {label: ppl}, "tokens": {label: n}}."""
+        nll: Dict[int, float] = {}
+        count: Dict[int, int] = {}
+        for r in self.evaluate_items(items, batch_size):
+            lab = r["label"]
+            nll[lab] = nll.get(lab, 0.0) + r["nll"]
+            count[lab] = count.get(lab, 0) + r["tokens"]
         per_task = {lab: math.exp(nll[lab] / count[lab]) for lab in sorted(nll) if count[lab]}
         total = sum(count.values())
         return {"overall": math.exp(sum(nll.values()) / total) if total else float("nan"),
