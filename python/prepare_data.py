@@ -16,8 +16,9 @@ to differ in the skill they exercise so that a gate has something to route on:
     international_phonetic_alphabet_transliterate   English <-> IPA transliteration
     word_sorting                   sorting words alphabetically (long, copy-like outputs)
     operators                      applying a newly defined operator (in-context arithmetic)
-Each task is shuffled with --seed and cut into train / validation / test (80/10/10) after keeping at
-most --max-examples examples.
+Each task is shuffled with --seed and cut into train / validation / test (--fractions, default
+75/12.5/12.5: every default task then keeps >= 24 validation items, the experiment's minimum) after
+keeping at most --max-examples examples.
 """
 from __future__ import annotations
 
@@ -43,10 +44,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-examples", type=int, default=300, help="per task, before splitting")
     ap.add_argument("--min-examples", type=int, default=30)
+    ap.add_argument("--fractions", default="0.75,0.125,0.125", help="train,validation,test")
     args = ap.parse_args(argv)
     sdist = args.sdist or find_sdist(["/tmp/bb"], download_dir=os.path.join(args.out, "_sdist"))
     manifest = prepare(sdist, args.out, args.tasks, seed=args.seed, max_examples=args.max_examples,
-                       min_examples=args.min_examples)
+                       min_examples=args.min_examples,
+                       fractions=tuple(float(x) for x in args.fractions.split(",")))
     for t in manifest["tasks"]:
         print(f"{t:50s} " + " ".join(f"{s}={n}" for s, n in manifest["counts"][t].items()))
     if manifest["skipped"]:

@@ -262,12 +262,14 @@ class InstructionPromptGenerator(nn.Module):
       rational activation's GELU fit), and drop_first_token leaves each row's first real token out
       of the pooling (the attention-sink position, whose hidden state dwarfs the others);
     - layer_log_weight: a learnable log-weight per injected layer on the generated prefix keys
-      (`prefix_weight`); started low, a fresh generator is a near no-op on the frozen model.
+      (`prefix_weight`), and up_init_std=0 (zero soft tokens: keys/values k_proj/v_proj(norm(0)),
+      logit 0 + log-weight): together a fresh generator is a near no-op on the frozen model.
     """
 
     def __init__(self, hidden_size: int, num_layers: int, inject_layers: Sequence[int],
                  bottleneck: int = 64, num_tokens: int = 4, normalize_input: bool = False,
-                 drop_first_token: bool = False, layer_log_weight: Optional[float] = None):
+                 drop_first_token: bool = False, layer_log_weight: Optional[float] = None,
+                 up_init_std: float = 0.02):
         super().__init__()
         if num_tokens != 4:
             raise ValueError(f"num_tokens must be 4 (the fused pooling kernel has 4 heads), got {num_tokens}")
@@ -284,8 +286,10 @@ class InstructionPromptGenerator(nn.Module):
         self.w_sa = nn.Parameter(torch.randn(n, m, 4) * m ** -0.5)
         self.a = nn.Parameter(torch.tensor(reference.RATIONAL_GELU_A).repeat(n, 1))
         self.b = nn.Parameter(torch.tensor(reference.RATIONAL_GELU_B).repeat(n, 1))
-        # Small soft tokens at start: the frozen model is barely disturbed before training.
-        self.w_up = nn.Parameter(torch.randn(n, m, d) * 0.02)
+        # Small soft tokens at start (0: none at all; the layer's norm would restore any small
+        # scale to unit RMS, so only 0 or the layer log-weight keeps a fresh generator quiet).
+        self.up_init_std = float(up_init_std)
+        self.w_up = nn.Parameter(torch.randn(n, m, d) * self.up_init_std)
         self.normalize_input, self.drop_first_token = bool(normalize_input), bool(drop_first_token)
         self.layer_log_weight_init = None if layer_log_weight is None else float(layer_log_weight)
         self.layer_log_weight = None if layer_log_weight is None else nn.Parameter(
@@ -295,7 +299,7 @@ class InstructionPromptGenerator(nn.Module):
         return dict(hidden_size=self.hidden_size, num_layers=self.num_layers,
                     inject_layers=list(self.inject_layers), bottleneck=self.bottleneck,
                     normalize_input=self.normalize_input, drop_first_token=self.drop_first_token,
-                    layer_log_weight=self.layer_log_weight_init)
+                    layer_log_weight=self.layer_log_weight_init, up_init_std=self.up_init_std)
 
     def prefix(self, layer_module: nn.Module, layer_idx: int, H: torch.Tensor, mask: torch.Tensor):
         """(k, v) [B, 4, Hkv, D] of layer `layer_idx` from the hidden states H [B, n, d] entering it

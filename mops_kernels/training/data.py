@@ -168,16 +168,20 @@ class ByteTokenizer:
         return {"input_ids": [1 + b % (self.vocab_size - 1) for b in text.encode("utf-8")]}
 
 
-def encode(tok, row: dict, max_len: int, add_eos: bool = False) -> dict:
-    """Token ids of "input" then " target" (+ EOS if add_eos: off by default, since an instruct
-    model's EOS, e.g. SmolLM2's <|im_end|>, is near-impossible after raw text and would dominate the
-    target loss); the target is cut first when too long (the instruction keeps >= half of max_len)."""
+def encode(tok, row: dict, max_len: int, add_eos: bool = False, separator: str = "",
+           truncate: bool = True) -> Optional[dict]:
+    """Token ids of "input" + separator, then " target" (+ EOS if add_eos: off by default, since an
+    instruct model's EOS, e.g. SmolLM2's <|im_end|>, is near-impossible after raw text and would
+    dominate the target loss). Too long for max_len: with truncate the target is cut first (the
+    instruction keeps >= half of max_len, cut from the left); without, None (the caller drops it)."""
     # rstrip: some tasks end the instruction with a space ("... the English word "), which with the
     # " target" join would give a double space, a token sequence the model never saw before a word.
-    inp = tok(row["input"].rstrip(), add_special_tokens=False)["input_ids"]
+    inp = tok(row["input"].rstrip() + separator, add_special_tokens=False)["input_ids"]
     tgt = tok(" " + row["target"].strip(), add_special_tokens=False)["input_ids"]
     if add_eos and tok.eos_token_id is not None:
         tgt = tgt + [tok.eos_token_id]
+    if not truncate and len(inp) + len(tgt) > max_len:
+        return None
     keep_in = min(len(inp), max(max_len // 2, max_len - len(tgt)))
     inp = inp[-keep_in:] if keep_in else []
     tgt = tgt[:max_len - len(inp)]
