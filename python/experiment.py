@@ -12,6 +12,8 @@ JSON + PNG.
         # + write the first seed's MoPs (bank + gate + mops.json) into the named directory, only
         #   if it beats the no-prompt model on the held-out test items (CI of the difference < 0)
 
+Federated (--no-federated skips it): the same arms on Flower, --clients non-IID clients x --rounds x
+--local-steps (the MoPs gate pretrained centrally first; mops_kernels.training.federated).
 Writes --results (default benchmarks/results/mops_experiment.json) after every arm, and a PNG beside
 it; --runs holds checkpoints and prompts. --resume refuses a changed configuration unless
 --override-config.
@@ -41,9 +43,12 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results", "mops_experiment.json")
 # Settings override ExperimentConfig's defaults (explicit flags still win).
 SETTINGS = {
     "smoke": dict(seeds="0", steps=4, probe_steps=2, lr_grid="3e-3,1e-2", gate_pretrain_steps=20, eval_every=2,
-                  curve_items_per_task=2, max_train=8, max_eval=24, bootstrap=200),
+                  curve_items_per_task=2, max_train=8, max_eval=24, bootstrap=200, clients=2, rounds=1,
+                  local_steps=2),
+    # federated: 5 clients x 6 rounds x 5 local steps = the centralized arms' 150 steps
     "small": dict(seeds="0,1", steps=150, probe_steps=15, lr_grid="3e-3,1e-2,3e-2", gate_pretrain_steps=300,
-                  eval_every=50, curve_items_per_task=6, max_train=60, max_eval=24, bootstrap=2000),
+                  eval_every=50, curve_items_per_task=6, max_train=60, max_eval=24, bootstrap=2000, clients=5,
+                  rounds=6, local_steps=5),
 }
 
 
@@ -73,6 +78,11 @@ def main(argv=None):
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--override-config", action="store_true", help="resume even if the settings changed")
+    ap.add_argument("--clients", type=int, default=5, help="federated clients (non-IID task chunks)")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--local-steps", type=int, default=5)
+    ap.add_argument("--ray-cpus", type=int, default=2)
+    ap.add_argument("--no-federated", action="store_true")
     ap.add_argument("--ship", default=None, metavar="DIR",
                     help="write the first seed's MoPs into DIR if it beats the no-prompt model on test items")
     argv = sys.argv[1:] if argv is None else argv
@@ -97,8 +107,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     model, tok = load_backbone(args.backbone, device=args.device)
     tok.padding_side = "right"
+    fed = None if args.no_federated else dict(
+        clients=args.clients, rounds=args.rounds, local_steps=args.local_steps, ray_cpus=args.ray_cpus,
+        local={"data": os.path.abspath(args.data), "backbone": args.backbone or "", "threads": 1})
     doc = ex.run_experiment(model, tok, args.data, cfg, run_dir, args.results, resume=args.resume,
-                            allow_config_change=args.override_config, log=lambda *a: print(*a, flush=True))
+                            allow_config_change=args.override_config, log=lambda *a: print(*a, flush=True),
+                            federated=fed)
     doc.update(setting=setting, command="python python/experiment.py " + " ".join(argv),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=args.device,
                cpu_threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),

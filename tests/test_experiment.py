@@ -200,6 +200,10 @@ def test_run_experiment_plumbing(model, tmp_path):
     assert saved["seeds"]["0"]["lr"] in (1e-2, 3e-2) and len(saved["seeds"]["0"]["lr_probe"]) == 2
     assert "routing" in saved["seeds"]["0"]["mops"] and saved["seeds"]["0"]["mops"]["prefix_tokens_per_request"] == 10
     assert doc["validation_items"] == {t: 4 for t in TASKS}
+    text = ex.table(saved)
+    assert "centralized:" in text and "verdict:" in text and "single_kP" in text
+    png = ex.plot(saved, str(tmp_path / "res.png"))
+    assert os.path.getsize(png) > 1000
     with pytest.raises(ValueError, match="fewer than 5 validation items"):
         ex.run_experiment(model, tok, str(data), _cfg(max_len=40, min_eval_per_task=5), str(tmp_path / "r2"))
 

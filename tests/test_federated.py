@@ -10,9 +10,9 @@ import torch
 
 from mops_kernels.integrations.backbone import load_backbone
 from mops_kernels.training.data import ByteTokenizer
-from mops_kernels.training.federated import (backbone_checksum, client_items, local_train, non_iid_split,
-                                             prompt_params)
-from mops_kernels.training.trainer import build_prompts
+from mops_kernels.training import experiment as ex
+from mops_kernels.training.federated import (backbone_checksum, client_items, client_local, local_train,
+                                             non_iid_split, prompt_params, round_settings)
 
 CFG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
@@ -42,20 +42,35 @@ def test_non_iid_split():
         non_iid_split(tasks, 11)
 
 
-@pytest.mark.parametrize("mode", ["mops"])
-def test_flower_fedavg_is_the_sample_weighted_mean(tmp_path, mode):
+def test_client_local_settings_never_come_from_the_server(monkeypatch):
+    with pytest.raises(ValueError, match=r"client-local settings \['data', 'threads'\]"):
+        round_settings({"arm": "mops", "data": "/elsewhere", "threads": 64}, {})
+    with pytest.raises(ValueError, match="unknown settings"):
+        round_settings({"armm": "mops"}, {})
+    monkeypatch.setenv("MOPS_FL_DATA", "/env/data")
+    monkeypatch.setenv("MOPS_FL_THREADS", "3")
+    assert client_local({"data": "/node/data"}) == {"data": "/node/data", "backbone": "", "backbone-config": "",
+                                                    "threads": 3}
+    assert client_local({})["data"] == "/env/data"
+
+
+@pytest.mark.parametrize("arm", ["mops"])
+def test_flower_fedavg_is_the_sample_weighted_mean(tmp_path, arm):
     pytest.importorskip("flwr")
     from mops_kernels.training.federated import run_federated
     data = _cache(tmp_path)
     model, _ = load_backbone(config=dict(CFG))
     crc = backbone_checksum(model)
-    prompts = build_prompts(model, mode, num_experts=3, prompt_len=5, top_k=2, gate_layer=1, inject_from=2,
-                            gate_hidden=16, seed=0)
+    tok = ByteTokenizer(CFG["vocab_size"])
+    cfg = ex.ExperimentConfig(experts=3, prompt_len=5, top_k=2, gate_layer=1, inject_from=2, gate_hidden=16,
+                              iapt_bottleneck=8, max_len=64, batch_size=3)
+    items = client_items(round_settings({}, {"data": data}) | {"max-len": 64}, tok, list(COUNTS))
+    prompts = ex.build_arm(model, arm, cfg, items, seed=0)
     initial = prompt_params(prompts)
-    cc = {"data": data, "backbone-config": json.dumps(CFG), "mode": mode, "experts": 3, "prompt-len": 5,
-          "top-k": 2, "gate-layer": 1, "inject-from": 2, "gate-hidden": 16, "max-len": 24, "local-steps": 2,
-          "gate-steps": 1, "batch-size": 3, "lr": 2e-2, "seed": 0}
-    final, history = run_federated(initial, num_clients=2, num_rounds=2, client_config=cc)
+    server = ex.federated_settings(cfg, arm, 2e-2, 0, local_steps=2)
+    local = {"data": data, "backbone-config": json.dumps(CFG), "threads": 1}
+    final, history = run_federated(initial, num_clients=2, num_rounds=2, client_config=server, local=local)
+    cc = {**server, "rounds": 2}
 
     assert set(final) == set(initial) == {n for n, _ in prompts.named_parameters()}
     assert not any(k.startswith("model.") or "embed" in k for k in final)      # no backbone tensor sent
@@ -68,8 +83,9 @@ def test_flower_fedavg_is_the_sample_weighted_mean(tmp_path, mode):
     for rnd in (1, 2):
         outs, ns = [], []
         for p, tasks in enumerate(parts):
-            items = client_items(cc | {"max-train": 0}, tok, tasks)
-            new, metrics = local_train({**cc, "server-round": rnd, "threads": 1}, glob, p, items, model)
+            c = round_settings({**cc, "server-round": rnd}, local)
+            items = client_items(c, tok, tasks)
+            new, metrics = local_train(c, glob, p, items, model)
             assert metrics["num-examples"] == sum(COUNTS[t] for t in tasks) and metrics["backbone-changed"] == 0
             outs.append(new)
             ns.append(len(items))

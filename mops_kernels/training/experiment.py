@@ -194,7 +194,8 @@ def build_arm(model, arm: str, cfg: ExperimentConfig, items: Sequence[dict], see
             "mops": (cfg.experts, cfg.prompt_len)}[arm]
     bank = PromptBank(L, layers, E, P, dims["num_kv_heads"], dims["head_dim"], dtype=dtype, device=dev,
                       layer_log_weight=cfg.layer_log_weight)
-    init_bank_from_model(bank, model, items, seed, pad_id)
+    if items is not None:                  # None: the caller loads trained values (federated clients)
+        init_bank_from_model(bank, model, items, seed, pad_id)
     gate = None
     if arm == "mops":
         gate = SmartGate(dims["hidden_size"], E, cfg.top_k, cfg.gate_layer, cfg.gate_hidden,
@@ -407,6 +408,62 @@ def _prefix_tokens(arm, cfg, model):
             "mops": cfg.top_k * cfg.prompt_len, "iapt": 4, "none": 0}[arm]
 
 
+def federated_settings(cfg: ExperimentConfig, arm: str, lr: float, seed: int, local_steps: int) -> dict:
+    """The server's per-round settings (federated.SERVER_SETTINGS) for one arm of this config."""
+    return {"arm": arm, "experts": cfg.experts, "prompt-len": cfg.prompt_len, "top-k": cfg.top_k,
+            "gate-layer": cfg.gate_layer, "inject-from": cfg.inject_from, "gate-hidden": cfg.gate_hidden,
+            "iapt-bottleneck": cfg.iapt_bottleneck, "max-len": cfg.max_len, "max-train": cfg.max_train or 0,
+            "separator": cfg.separator, "local-steps": local_steps, "batch-size": cfg.batch_size, "lr": lr,
+            "seed": seed, "warmup-frac": cfg.warmup_frac, "min-lr-ratio": cfg.min_lr_ratio,
+            "clip-norm": cfg.clip_norm, "layer-log-weight": cfg.layer_log_weight,
+            "layer-weight-lr": cfg.layer_weight_lr, "rational-lr": cfg.rational_lr}
+
+
+def run_federated_arm(model, arm: str, cfg: ExperimentConfig, train_items, valid_items, seed: int, lr: float,
+                      pad_id: int, fed: dict, names=None) -> dict:
+    """One arm on Flower (training.federated): initialised here as in the centralized arm (the MoPs
+    gate pretrained centrally on cached features before round 1), then fed["rounds"] rounds of
+    fed["local_steps"] steps on fed["clients"] non-IID clients; scored like run_arm."""
+    from .federated import load_prompt_params, prompt_params, run_federated
+    t0 = time.perf_counter()
+    if arm == "none":
+        return run_arm(model, arm, cfg, train_items, valid_items, seed, lr, pad_id, None, names=names)
+    prompts = build_arm(model, arm, cfg, train_items, seed, pad_id)
+    res = dict(arm=arm, seed=seed, lr=lr, clients=fed["clients"], rounds=fed["rounds"],
+               local_steps=fed["local_steps"])
+    mapping = None
+    if arm == "mops":
+        tr = PromptTrainer(model, prompts, train_items, train_config(cfg, lr, seed), pad_id=pad_id)
+        try:
+            feats = tr.gate_features(train_items)
+        finally:
+            tr.close()
+        labels = torch.tensor([it["label"] for it in train_items])
+        mapping = task_experts(feats, labels, cfg.experts, seed)
+        if cfg.gate_pretrain_steps:
+            pretrain_gate(prompts.gate, feats, torch.tensor([mapping[int(t)] for t in labels.tolist()]),
+                          cfg.gate_pretrain_steps, cfg.gate_lr, seed=seed)
+    final, history = run_federated(prompt_params(prompts), fed["clients"], fed["rounds"],
+                                   federated_settings(cfg, arm, lr, seed, fed["local_steps"]),
+                                   ray_cpus=fed.get("ray_cpus", 2), local=fed.get("local"))
+    if any(m.get("backbone-changed", 0) for m in history.values()):
+        raise RuntimeError(f"a client's backbone changed during federated training: {history}")
+    load_prompt_params(prompts, final)
+    tr = PromptTrainer(model, prompts, valid_items, train_config(cfg, lr, seed), pad_id=pad_id)
+    try:
+        res["rows"] = tr.evaluate_items(valid_items)
+        if mapping is not None:
+            vf = tr.gate_features(valid_items)
+            res["routing"] = routing_report(prompts.gate, vf, torch.tensor([it["label"] for it in valid_items]),
+                                            mapping, names)
+    finally:
+        tr.close()
+    res.update(rounds_metrics={str(k): dict(v) for k, v in history.items()}, curve=[],
+               trainable_params=sum(p.numel() for p in prompts.parameters()),
+               prefix_tokens_per_request=_prefix_tokens(arm, cfg, model), wall_seconds=time.perf_counter() - t0)
+    return res
+
+
 def probe_lr(model, cfg: ExperimentConfig, train_items, valid_items, seed: int, pad_id: int) -> dict:
     """{lr: curve-subset task-mean NLL after cfg.probe_steps on single_kP}; the best is used."""
     sub = curve_subset(valid_items, cfg.curve_items_per_task)
@@ -435,8 +492,11 @@ def summarize(results: Dict[int, Dict[str, dict]], names: Sequence[str], cfg: Ex
 
 
 def run_experiment(model, tok, data: str, cfg: ExperimentConfig, out_dir: str, results_path: Optional[str] = None,
-                   resume: bool = False, allow_config_change: bool = False, log=print) -> dict:
-    """Every arm and seed; the JSON is rewritten after every arm (a cut-off run keeps what it did)."""
+                   resume: bool = False, allow_config_change: bool = False, log=print,
+                   federated: Optional[dict] = None) -> dict:
+    """Every arm and seed, centralized, then (with `federated`: clients, rounds, local_steps, local =
+    the clients' own data/backbone settings, ray_cpus) the same arms on Flower; the JSON is rewritten
+    after every arm (a cut-off run keeps what it did)."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     names = task_names(data)
     train_items, dropped_train = load_items(tok, data, "train", cfg, cfg.max_train)
@@ -452,9 +512,13 @@ def run_experiment(model, tok, data: str, cfg: ExperimentConfig, out_dir: str, r
     doc = dict(config=dataclasses.asdict(cfg), tasks=names, validation_items=counts,
                dropped_too_long=dict(train=dropped_train, validation=dropped_valid), seeds={}, started=time.time())
     results: Dict[int, Dict[str, dict]] = {}
+    fed_results: Dict[int, Dict[str, dict]] = {}
 
     def write():
         doc["wall_seconds"] = time.perf_counter() - t_start
+        complete = {s: r for s, r in fed_results.items() if all(a in r for a in cfg.arms)}
+        if complete:
+            doc["federated_summary"] = summarize(complete, names, cfg)
         if results and all("mops" in r or "mops" not in cfg.arms for r in results.values()):
             try:
                 doc["summary"] = summarize({s: r for s, r in results.items() if all(a in r for a in cfg.arms)},
@@ -490,6 +554,19 @@ def run_experiment(model, tok, data: str, cfg: ExperimentConfig, out_dir: str, r
             log(f"[{time.perf_counter() - t_start:7.0f}s] seed {seed} {arm}: task-mean NLL "
                 f"{m['task_mean_nll']:.4f}, token ppl {m['token_ppl']:.3f}, exact {m['exact_match']:.3f}")
             write()
+        if federated:
+            fed_results[seed] = {}
+            sd["federated"] = {}
+            for arm in cfg.arms:
+                r = run_federated_arm(model, arm, cfg, train_items, valid_items, seed, lr, pad_id, federated,
+                                      names=names)
+                r.pop("prompts", None)
+                fed_results[seed][arm] = r
+                m = metrics(r["rows"], names)
+                sd["federated"][arm] = {k: v for k, v in r.items() if k != "rows"} | {"metrics": m}
+                log(f"[{time.perf_counter() - t_start:7.0f}s] seed {seed} federated {arm}: task-mean NLL "
+                    f"{m['task_mean_nll']:.4f}")
+                write()
     write()
     return doc
 
@@ -498,29 +575,34 @@ def run_experiment(model, tok, data: str, cfg: ExperimentConfig, out_dir: str, r
 # Report
 # --------------------------------------------------------------------------------------------
 def table(doc: dict) -> str:
-    """The README table: per arm, mean task NLL per seed, difference to MoPs with its 95% CI,
-    token ppl, exact match, trainable parameters and prefix tokens per request."""
-    s = doc.get("summary")
-    if not s:
-        return "(no complete seed yet)"
-    lines = [f"{'arm':10s} {'params':>8s} {'prefix':>6s} " + " ".join(
-        f"{'seed ' + str(k) + ': NLL   d vs MoPs [95% CI]':>38s}" for k in s["seeds"]) + f" {'ppl':>8s} {'exact':>6s}"]
-    for a in s["arms"]:
-        cells = []
-        for k in s["seeds"]:
-            ps = s["per_seed"][str(k)]
-            m = ps[a]
-            if a == "mops":
-                cells.append(f"{m['task_mean_nll']:7.4f} {'(reference)':>30s}")
-            else:
-                b = ps["vs_mops"][a]
-                cells.append(f"{m['task_mean_nll']:7.4f} {b['diff']:+8.4f} [{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}]")
-        first = doc["seeds"][str(s["seeds"][0])][a]
-        m0 = s["per_seed"][str(s["seeds"][0])][a]
-        lines.append(f"{a:10s} {first.get('trainable_params', 0):8d} {first.get('prefix_tokens_per_request', 0):6d} "
-                     + " ".join(f"{c:>38s}" for c in cells) + f" {m0['token_ppl']:8.3f} {m0['exact_match']:6.3f}")
-    lines.append("verdict: " + s["verdict"])
-    return "\n".join(lines)
+    """The README table, centralized then federated: per arm, trainable parameters, prefix tokens per
+    request, task-mean NLL per seed with its difference to MoPs and the 95% CI, token ppl, exact match."""
+    out = []
+    for title, key, sub in (("centralized", "summary", None), ("federated", "federated_summary", "federated")):
+        s = doc.get(key)
+        if not s:
+            continue
+        out.append(f"{title}:")
+        out.append(f"{'arm':10s} {'params':>8s} {'prefix':>6s} " + " ".join(
+            f"{'seed ' + str(k) + ': NLL   d vs MoPs [95% CI]':>38s}" for k in s["seeds"])
+            + f" {'ppl':>8s} {'exact':>6s}")
+        for a in s["arms"]:
+            cells = []
+            for k in s["seeds"]:
+                ps = s["per_seed"][str(k)]
+                if a == "mops":
+                    cells.append(f"{ps[a]['task_mean_nll']:7.4f} {'(reference)':>30s}")
+                else:
+                    b = ps["vs_mops"][a]
+                    cells.append(f"{ps[a]['task_mean_nll']:7.4f} {b['diff']:+8.4f} "
+                                 f"[{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}]")
+            info = doc["seeds"][str(s["seeds"][0])]
+            info = (info.get(sub, {}) if sub else info)[a]
+            m0 = s["per_seed"][str(s["seeds"][0])][a]
+            out.append(f"{a:10s} {info.get('trainable_params', 0):8d} {info.get('prefix_tokens_per_request', 0):6d} "
+                       + " ".join(f"{c:>38s}" for c in cells) + f" {m0['token_ppl']:8.3f} {m0['exact_match']:6.3f}")
+        out.append("verdict: " + s["verdict"])
+    return "\n".join(out) if out else "(no complete seed yet)"
 
 
 def plot(doc: dict, path: str) -> str:

@@ -19,15 +19,19 @@ list (each client holds a few tasks, no task on two clients). A real client may 
 in its node config ("tasks", comma-separated); in simulation the partition id picks the chunk.
 
 Local training in round r (1-based): the client continues the global step count, steps
-[(r-1) * local_steps, r * local_steps) of PromptTrainer's schedule, so gate pretraining (gate_steps)
-happens in the first rounds, exactly as in the centralized schedule; the data order is a function of
-(seed, partition, step). The AdamW state is local to the round (fresh each round; plain FedAvg).
+[(r-1) * local_steps, r * local_steps) of the experiment's recipe (warm-up + cosine over all
+rounds * local_steps steps, clipping, the arm's own lr groups), on the arm the server names
+(mops_kernels.training.experiment: single_kP, single_EP, mops, iapt). The gate is pretrained centrally
+before round 1 (run_federated_arm) and arrives in the initial parameters. The data order is a function
+of (seed, partition, step). The AdamW state is local to the round (fresh each round; plain FedAvg).
 
-The round's ConfigRecord (all settings of the client, sent by the server): data, backbone (GGUF / HF
-path, "" = the default SmolLM2), backbone-config (JSON of a random-init config with the
-data.ByteTokenizer, for tests), mode,
-experts, prompt-len, top-k, gate-layer, inject-from, gate-hidden, max-len, max-train, local-steps,
-gate-steps, batch-size, lr, seed, threads; Flower adds server-round.
+What the server sends (the round's ConfigRecord, SERVER_SETTINGS): the arm and its shape, the
+recipe and the step window; Flower adds server-round. What stays with the client (CLIENT_LOCAL:
+data, backbone, backbone-config, threads) comes from the client's own node config (`flwr-supernode
+--node-config "data=... threads=2"`), or, in the one-machine simulation where Flower gives every
+node the same config, from the environment (MOPS_FL_DATA, MOPS_FL_BACKBONE, MOPS_FL_BACKBONE_CONFIG,
+MOPS_FL_THREADS): a server message naming any of them is refused, so a server cannot point a client
+at another file or make it spawn threads.
 
 Simulation: `run_federated` runs `flwr.simulation.run_simulation` with Ray (ray_cpus CPUs, one CPU and
 no GPU per client, so at most ray_cpus clients train at a time).
@@ -42,14 +46,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .data import ByteTokenizer, encode, load_split, task_names
-from .trainer import PromptTrainer, TrainConfig, build_prompts
+from .trainer import PromptTrainer
 
-# Everything a client needs from one round's ConfigRecord, with the defaults of a missing key.
-CLIENT_DEFAULTS = {
-    "data": "", "backbone": "", "backbone-config": "", "mode": "mops", "experts": 4, "prompt-len": 8,
-    "top-k": 2, "gate-layer": 10, "inject-from": 11, "gate-hidden": 64, "max-len": 64, "max-train": 0,
-    "local-steps": 5, "gate-steps": 0, "batch-size": 4, "lr": 3e-3, "seed": 0, "threads": 1,
+# What the server sends each round, with the defaults of a missing key.
+SERVER_SETTINGS = {
+    "arm": "mops", "experts": 4, "prompt-len": 8, "top-k": 2, "gate-layer": 10, "inject-from": 11,
+    "gate-hidden": 64, "iapt-bottleneck": 16, "max-len": 128, "max-train": 0, "separator": "\nAnswer:",
+    "local-steps": 5, "rounds": 4, "batch-size": 4, "lr": 1e-2, "seed": 0, "warmup-frac": 0.1,
+    "min-lr-ratio": 0.1, "clip-norm": 1.0, "layer-log-weight": -6.0, "layer-weight-lr": 0.05,
+    "rational-lr": 1e-4,
 }
+# What each client decides for itself: its node config, else the environment (simulation).
+CLIENT_LOCAL = {"data": "", "backbone": "", "backbone-config": "", "threads": 1}
+LOCAL_ENV = {k: "MOPS_FL_" + k.upper().replace("-", "_") for k in CLIENT_LOCAL}
 
 
 def non_iid_split(tasks: Sequence[str], num_clients: int) -> List[List[str]]:
@@ -89,10 +98,42 @@ def backbone_checksum(model) -> int:
     return crc
 
 
-def _prompt_kwargs(c: dict) -> dict:
-    return dict(num_experts=int(c["experts"]), prompt_len=int(c["prompt-len"]), top_k=int(c["top-k"]),
-                gate_layer=int(c["gate-layer"]), inject_from=int(c["inject-from"]),
-                gate_hidden=int(c["gate-hidden"]), seed=int(c["seed"]))
+def experiment_config(c: dict):
+    """The ExperimentConfig of a round's settings (SERVER_SETTINGS keys)."""
+    from .experiment import ExperimentConfig
+    return ExperimentConfig(experts=int(c["experts"]), prompt_len=int(c["prompt-len"]), top_k=int(c["top-k"]),
+                            gate_layer=int(c["gate-layer"]), inject_from=int(c["inject-from"]),
+                            gate_hidden=int(c["gate-hidden"]), iapt_bottleneck=int(c["iapt-bottleneck"]),
+                            max_len=int(c["max-len"]), separator=str(c["separator"]),
+                            batch_size=int(c["batch-size"]), steps=int(c["rounds"]) * int(c["local-steps"]),
+                            warmup_frac=float(c["warmup-frac"]), min_lr_ratio=float(c["min-lr-ratio"]),
+                            clip_norm=float(c["clip-norm"]), layer_log_weight=float(c["layer-log-weight"]),
+                            layer_weight_lr=float(c["layer-weight-lr"]), rational_lr=float(c["rational-lr"]),
+                            checkpoint_every=0)
+
+
+def client_local(node_config, environ=None) -> dict:
+    """CLIENT_LOCAL settings of this client: its node config first, then the environment."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for k, default in CLIENT_LOCAL.items():
+        v = node_config.get(k) if node_config is not None else None
+        if v is None or v == "":
+            v = environ.get(LOCAL_ENV[k], default)
+        out[k] = type(default)(v) if v != "" else default
+    return out
+
+
+def round_settings(server: dict, local: dict) -> dict:
+    """One round's settings: the server's (SERVER_SETTINGS keys only) and the client's own."""
+    bad = sorted(set(server) & set(CLIENT_LOCAL))
+    if bad:
+        raise ValueError(f"the server's message names client-local settings {bad}: a client takes those "
+                         f"from its own node config, never from the server")
+    unknown = sorted(set(server) - set(SERVER_SETTINGS) - {"server-round"})
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} in the server's message (known: {sorted(SERVER_SETTINGS)})")
+    return {**SERVER_SETTINGS, **server, **local}
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,29 +162,31 @@ def client_tasks(node_config, tasks: Sequence[str]) -> List[str]:
 
 
 def client_items(c: dict, tok, tasks: Sequence[str]) -> List[dict]:
-    """The client's encoded training items (max-train per task when > 0)."""
+    """The client's encoded training items (max-train per task when > 0; never truncated: too-long
+    items are left out, as in the centralized experiment)."""
     items = []
     for t in tasks:
         rows = load_split(c["data"], "train", [t])
         rows = rows[:int(c["max-train"])] if int(c["max-train"]) > 0 else rows
-        items += [encode(tok, r, int(c["max-len"])) for r in rows]
+        enc = (encode(tok, r, int(c["max-len"]), separator=str(c["separator"]), truncate=False) for r in rows)
+        items += [e for e in enc if e is not None]
     return items
 
 
 def local_train(c: dict, params: Dict[str, torch.Tensor], partition: int, items: Sequence[dict],
                 model, pad_id: int = 0) -> Tuple[Dict[str, torch.Tensor], dict]:
     """One client's round: load `params`, train local-steps steps, return (params, metrics)."""
+    from .experiment import build_arm, train_config
     rnd, local = int(c["server-round"]), int(c["local-steps"])
-    prompts = build_prompts(model, c["mode"], **_prompt_kwargs(c))
+    cfg = experiment_config(c)
+    prompts = build_arm(model, c["arm"], cfg, None, seed=int(c["seed"]))      # shapes; values from params
     load_prompt_params(prompts, params)
-    cfg = TrainConfig(steps=rnd * local, gate_steps=int(c["gate-steps"]) if c["mode"] == "mops" else 0,
-                      batch_size=int(c["batch-size"]), lr=float(c["lr"]),
-                      seed=int(c["seed"]) * 1000 + partition, checkpoint_every=0, progress=False)
+    tc = train_config(cfg, float(c["lr"]), int(c["seed"]) * 1000 + partition)
     before = backbone_checksum(model)
-    trainer = PromptTrainer(model, prompts, items, cfg, pad_id=pad_id)
+    trainer = PromptTrainer(model, prompts, items, tc, pad_id=pad_id)
     trainer.step = (rnd - 1) * local
     try:
-        losses = trainer.train()
+        losses = trainer.train(stop_at=rnd * local)
     finally:
         trainer.close()
     metrics = {"num-examples": len(items), "train-loss": sum(losses) / max(1, len(losses)),
@@ -159,7 +202,7 @@ def _make_client_app():
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        c = {**CLIENT_DEFAULTS, **dict(msg.content["config"])}
+        c = round_settings(dict(msg.content["config"]), client_local(context.node_config))
         torch.set_num_threads(max(1, int(c["threads"])))
         model, tok = _backbone(c)
         tasks = client_tasks(context.node_config, task_names(c["data"]))
@@ -191,9 +234,7 @@ def make_server_app(initial: Dict[str, torch.Tensor], num_clients: int, num_roun
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
-    bad = sorted(set(client_config) - set(CLIENT_DEFAULTS))
-    if bad:
-        raise ValueError(f"unknown client settings {bad} (known: {sorted(CLIENT_DEFAULTS)})")
+    round_settings(client_config, {})            # the errors of a bad config, before any client runs
     app = ServerApp()
 
     @app.main()
@@ -201,7 +242,7 @@ def make_server_app(initial: Dict[str, torch.Tensor], num_clients: int, num_roun
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_clients,
                           min_available_nodes=num_clients)
         res = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=num_rounds,
-                             train_config=ConfigRecord({**CLIENT_DEFAULTS, **client_config}))
+                             train_config=ConfigRecord({**SERVER_SETTINGS, **client_config}))
         result["arrays"] = res.arrays.to_torch_state_dict()
         result["train_metrics"] = {r: dict(m) for r, m in res.train_metrics_clientapp.items()}
 
@@ -209,18 +250,38 @@ def make_server_app(initial: Dict[str, torch.Tensor], num_clients: int, num_roun
 
 
 def run_federated(initial: Dict[str, torch.Tensor], num_clients: int, num_rounds: int, client_config: dict,
-                  ray_cpus: int = 2, verbose: bool = False) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """FedAvg with Flower's simulation engine on this machine; -> (final parameters, metrics per round)."""
+                  ray_cpus: int = 2, verbose: bool = False, local: Optional[dict] = None
+                  ) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """FedAvg with Flower's simulation engine on this machine; -> (final parameters, metrics per round).
+    client_config: SERVER_SETTINGS keys; local: the simulated clients' own CLIENT_LOCAL settings
+    (passed through the environment the Ray workers inherit, as a SuperNode's node config would)."""
     from flwr.simulation import run_simulation
     result: dict = {}
-    server = make_server_app(initial, num_clients, num_rounds, client_config, result)
+    server = make_server_app(initial, num_clients, num_rounds, {"rounds": num_rounds, **client_config}, result)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    bad = sorted(set(local or {}) - set(CLIENT_LOCAL))
+    if bad:
+        raise ValueError(f"unknown client-local settings {bad} (known: {sorted(CLIENT_LOCAL)})")
+    saved = {k: os.environ.get(LOCAL_ENV[k]) for k in CLIENT_LOCAL}
+    for k, v in (local or {}).items():
+        os.environ[LOCAL_ENV[k]] = str(v)
+    try:
+        _simulate(run_simulation, server, num_clients, ray_cpus, verbose)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(LOCAL_ENV[k], None)
+            else:
+                os.environ[LOCAL_ENV[k]] = v
+    if "arrays" not in result:
+        raise RuntimeError("the Flower simulation ended without a result (see its log above)")
+    return result["arrays"], result["train_metrics"]
+
+
+def _simulate(run_simulation, server, num_clients, ray_cpus, verbose):
     run_simulation(server_app=server, client_app=client_app, num_supernodes=num_clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": ray_cpus, "num_gpus": 0,
                                                  "include_dashboard": False,
                                                  "object_store_memory": 100 * 2 ** 20}},
                    verbose_logging=verbose)
-    if "arrays" not in result:
-        raise RuntimeError("the Flower simulation ended without a result (see its log above)")
-    return result["arrays"], result["train_metrics"]
