@@ -259,8 +259,10 @@ class InstructionPromptGenerator(nn.Module):
     Options of the training recipe (off by default: files saved before them load unchanged):
     - normalize_input: `prefix()` feeds the generator the hidden states through the frozen layer's
       own input norm (the raw residual stream reaches |h| ~ 1e4 in middle layers, far outside the
-      rational activation's GELU fit), and drop_first_token leaves each row's first real token out
-      of the pooling (the attention-sink position, whose hidden state dwarfs the others);
+      rational activation's GELU fit) and takes its soft tokens as points of that normalised space,
+      straight into the layer's k/v projections (not normalised a second time: SPEC §4's norm is
+      applied once, to the generator's input); drop_first_token leaves each row's first real token
+      out of the pooling (the attention-sink position, whose hidden state dwarfs the others);
     - layer_log_weight: a learnable log-weight per injected layer on the generated prefix keys
       (`prefix_weight`), and up_init_std=0 (zero soft tokens: keys/values k_proj/v_proj(norm(0)),
       logit 0 + log-weight): together a fresh generator is a near no-op on the frozen model.
@@ -304,12 +306,21 @@ class InstructionPromptGenerator(nn.Module):
     def prefix(self, layer_module: nn.Module, layer_idx: int, H: torch.Tensor, mask: torch.Tensor):
         """(k, v) [B, 4, Hkv, D] of layer `layer_idx` from the hidden states H [B, n, d] entering it
         and the instruction mask [B, n]: the options above, forward, then to_prefix."""
-        if self.normalize_input:
-            H = layer_module.input_layernorm(H)
         if self.drop_first_token:
             m = mask.to(torch.int32)
             mask = (m * (m.cumsum(-1) > 1)).to(mask.dtype)
-        return self.to_prefix(layer_module, self(layer_idx, H, mask))
+        if not self.normalize_input:
+            return self.to_prefix(layer_module, self(layer_idx, H, mask))
+        # The generator reads and writes the layer's normalised input space: its soft tokens go
+        # straight to k_proj / v_proj (normalising them again would blow any small output up to
+        # unit scale in an arbitrary direction: measured on SmolLM2, two steps from a zero
+        # up-projection raised the loss by 5 nats).
+        x = layer_module.input_layernorm(H)
+        soft = self(layer_idx, x, mask).to(x.dtype)
+        attn = layer_module.self_attn
+        B, n, _ = soft.shape
+        D = attn.head_dim
+        return attn.k_proj(soft).view(B, n, -1, D), attn.v_proj(soft).view(B, n, -1, D)
 
     def prefix_weight(self, layer_idx: int, batch: int, device) -> Optional[torch.Tensor]:
         """prefix_weight [B, 1] fp32 of the generated slot at layer `layer_idx` (None = weight 1)."""

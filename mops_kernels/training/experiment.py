@@ -17,11 +17,15 @@ v_proj outputs at random non-first positions of training inputs: real scale, no 
 injected layer carries a learnable prefix log-weight (`layer_log_weight`, started at
 `cfg.layer_log_weight`) that enters prefix_attention as log w on that layer's prefix keys; IAPT reads
 the frozen layer's normed hidden states without the attention-sink token, with the same log-weight.
-IAPT also starts with a zero up-projection: its soft tokens pass through the frozen layer's norm,
-which restores any small random init to unit scale (keys whose logits swamp a -6 log-weight: measured
-on SmolLM2, a 0.75 nat change of the loss); zero soft tokens give keys k_proj(norm(0)) with logit 0,
-which the log-weight keeps quiet. Either alone is not a no-op: zero tokens still take attention mass
-as a sink, and a log-weight alone loses to the normed random tokens' logits.
+IAPT also starts with a zero up-projection and works in the layer's normalised input space (its soft
+tokens go to k_proj / v_proj without a second pass through the norm, which would restore any small
+output to unit scale in an arbitrary direction: measured on SmolLM2, a std-0.02 init moved the loss by
+0.75 nat despite the -6 log-weight, and two steps from a zero init by 5 nats). Zero soft tokens give
+keys k_proj(0) with logit 0, which the log-weight keeps quiet, and they grow smoothly from there.
+
+The gate, once pretrained, is kept fixed during LM training (gate_joint_lr = 0): with the prompts'
+lr it lost its routing in a few steps (smoke run: accuracy 0.97 -> 0.44 after 4 joint steps); the
+experts then specialise to the task groups the gate was pretrained on.
 
 Recipe: AdamW, linear warm-up (cfg.warmup_frac of the steps), cosine decay to cfg.min_lr_ratio,
 gradient clipping at cfg.clip_norm; the layer log-weights at cfg.layer_weight_lr, IAPT's rational
@@ -84,7 +88,8 @@ class ExperimentConfig:
     layer_weight_lr: float = 0.05
     rational_lr: float = 1e-4
     gate_pretrain_steps: int = 300
-    gate_lr: float = 1e-2
+    gate_lr: float = 1e-2                  # routing-head pretraining
+    gate_joint_lr: float = 0.0             # the gate during LM training (0: kept as pretrained)
     eval_every: int = 50                   # validation curve points (and the final one)
     curve_items_per_task: int = 8          # validation items per task for the curve points
     separator: str = "\nAnswer:"
@@ -205,7 +210,8 @@ def build_arm(model, arm: str, cfg: ExperimentConfig, items: Sequence[dict], see
 
 def train_config(cfg: ExperimentConfig, lr: float, seed: int, steps: Optional[int] = None) -> TrainConfig:
     steps = cfg.steps if steps is None else steps
-    return TrainConfig(steps=steps, gate_steps=0, batch_size=cfg.batch_size, lr=lr, gate_lr=lr, seed=seed,
+    return TrainConfig(steps=steps, gate_steps=0, batch_size=cfg.batch_size, lr=lr, gate_lr=cfg.gate_joint_lr,
+                       seed=seed,
                        checkpoint_every=cfg.checkpoint_every, warmup_steps=max(1, int(cfg.warmup_frac * steps)),
                        schedule="cosine", min_lr_ratio=cfg.min_lr_ratio, clip_norm=cfg.clip_norm,
                        layer_weight_lr=cfg.layer_weight_lr, rational_lr=cfg.rational_lr, progress=False)

@@ -103,8 +103,10 @@ def param_groups(prompts, config: TrainConfig) -> List[dict]:
             named["rational"].append(p)
         else:
             named["prompt"].append(p)
-    lrs = {"prompt": config.lr, "gate": config.gate_lr or config.lr,
-           "layer_weight": config.layer_weight_lr or config.lr, "rational": config.rational_lr or config.lr}
+    def own(v):
+        return config.lr if v is None else v
+    lrs = {"prompt": config.lr, "gate": own(config.gate_lr), "layer_weight": own(config.layer_weight_lr),
+           "rational": own(config.rational_lr)}
     return [{"params": ps, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, ps in named.items() if ps]
 
 
