@@ -15,6 +15,7 @@ import mops_kernels
 from _hf_doubles import left_padded
 from mops_kernels.modules.prompts import InstructionPromptGenerator, MixtureOfPrompts, model_placement
 from mops_kernels.ops import prefix_attention as PA
+from conftest import requires_cuda
 from utils import rel_err
 
 CFG = dict(vocab_size=97, hidden_size=96, intermediate_size=160, num_hidden_layers=4,
@@ -92,32 +93,50 @@ def test_bf16_generate_matches_fp32(backbones):
     mops_kernels.detach(m32)
 
 
-def test_bf16_engine_matches_fp32(backbones):
+def _decidable_rows(a16, a32, ids, mask, idx, w):
+    """(rows, fp32 first tokens) of the rows whose fp32 argmax wins by more than the bf16 run's error
+    there: on those bf16 tolerance implies the same first token (random-weight logits are close on
+    the others). a16 may live on a GPU; a32 is the fp32 CPU model."""
+    dev = next(a16.parameters()).device
+    rows, first = [], []
+    for b in range(ids.shape[0]):
+        kw = dict(expert_index=torch.tensor(idx), expert_weight=torch.tensor(w))
+        s16 = _first_scores(a16, ids[b:b + 1].to(dev), mask[b:b + 1].to(dev),
+                            **{k: v.to(dev) for k, v in kw.items()})[0].cpu()
+        s32 = _first_scores(a32, ids[b:b + 1], mask[b:b + 1], **kw)[0]
+        assert rel_err(s16, s32) < 0.1, b
+        top = s32.topk(2).values
+        if top[0] - top[1] > 2 * (s16 - s32).abs().max():
+            rows.append(b)
+            first.append(int(s32.argmax()))
+    assert len(rows) >= 2, rows
+    return rows, first
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_bf16_engine_matches_fp32(backbones, device):
+    """The bf16 backbone (load_backbone's default on a GPU) with pools placed by for_model: generate()
+    and the Engine give the fp32 run's first tokens. On a GPU the Engine decodes through its CUDA
+    graph (prefix_attention captured: no host read) and must not fall back to eager."""
     m16, m32 = backbones
+    if device == "cuda":
+        m16, _ = mops_kernels.load_backbone(config=CFG, device="cuda")
+        assert model_placement(m16) == (torch.device("cuda", 0), torch.bfloat16)
     p16, p32 = _mops_pair(m16, m32)
+    assert p16.bank.keys.device.type == p16.gate.w1.device.type == device
     ids, mask = left_padded(B=5, T=8, pads=(0,) * 5, seed=6)
     idx, w = [[1, 4]], [[0.6, 0.4]]
     a16, a32 = copy.deepcopy(m16), copy.deepcopy(m32)
     mops_kernels.attach(a16, p16)
     mops_kernels.attach(a32, p32)
-    rows, first = [], []
-    for b in range(ids.shape[0]):
-        kw = dict(expert_index=torch.tensor(idx), expert_weight=torch.tensor(w))
-        s16 = _first_scores(a16, ids[b:b + 1], mask[b:b + 1], **kw)[0]
-        s32 = _first_scores(a32, ids[b:b + 1], mask[b:b + 1], **kw)[0]
-        assert rel_err(s16, s32) < 0.1, b
-        top = s32.topk(2).values
-        # rows whose fp32 argmax wins by more than the bf16 run's error: there bf16 tolerance
-        # implies the same first token (random-weight logits are close on the other rows)
-        if top[0] - top[1] > 2 * (s16 - s32).abs().max():
-            rows.append(b)
-            first.append(int(s32.argmax()))
-    assert len(rows) >= 2, rows
+    rows, first = _decidable_rows(a16, a32, ids, mask, idx, w)
     eng = mops_kernels.Engine(m16, p16, max_batch=2, max_len=32)
     reqs = [eng.submit(ids[b], expert_index=idx[0], expert_weight=w[0], max_new_tokens=4) for b in rows]
     eng.run_until_done()
     assert [r.tokens[0] for r in reqs] == first
     assert all(r.done and len(r.tokens) == 4 for r in reqs)
+    if device == "cuda":
+        assert eng.use_graph, "the Engine fell back to eager decoding (its CUDA graph capture failed)"
 
 
 def test_bf16_iapt_prefixes_take_the_layer_dtype(backbones, monkeypatch):
@@ -246,3 +265,4 @@ def test_expert_index_checked_where_it_enters(backbones):
     with pytest.raises(ValueError, match=r"^expert_weight must be >= 0"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1,
                        expert_index=torch.tensor([[1], [0]]), expert_weight=torch.tensor([[-1.0], [1.0]]), **GEN)
+
