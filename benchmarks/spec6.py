@@ -243,6 +243,8 @@ class Spec6:
             self.table.add(f"correct: {figure} rel. err", err, f"<= {bound:.2e}", ok)
         except _backend.BackendUnavailable as e:
             self.table.add(f"correct: {figure}", None, "runs", "n/a", f"backend not offered: {str(e)[:160]}")
+        except Exception as e:             # a kernel that fails here is a result: record it, go on
+            self.table.add(f"correct: {figure}", None, "runs", None, f"{type(e).__name__}: {str(e)[:200]}")
 
     # ------------------------------------------------------------------------------------- int4
     def int4(self):

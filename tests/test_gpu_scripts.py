@@ -70,3 +70,15 @@ def test_spec6_refuses_unknown_stages():
     r = subprocess.run(["python3", "benchmarks/spec6.py", "--dry-run", "--stages", "nope"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "unknown stages" in r.stderr
+
+
+def test_rotation_overflows_three_caches():
+    """harness.rotation: the fewest input copies whose bytes exceed 3x the cache (L2 / LLC)."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from harness import cache_bytes, rotation
+    cache = cache_bytes("cpu")
+    for b in (1 << 10, 1 << 20, 7 << 20, cache * 5):
+        n = rotation(b, "cpu", cap=1 << 30)
+        assert n * b >= 3 * cache and (n == 1 or (n - 1) * b < 3 * cache), (b, n)
+    assert rotation(1, "cpu", cap=64) == 64

@@ -226,6 +226,9 @@ class _Request:
                 if batch % t.shape[0]:
                     raise ValueError(f"expert_index has {t.shape[0]} rows, the batch has {batch}")
                 setattr(self, name, t.repeat_interleave(batch // t.shape[0], dim=0))  # beams share experts
+            t = getattr(self, name)
+            if t is not None and mask is not None and t.device != mask.device:
+                setattr(self, name, t.to(mask.device))   # once, not a host-to-device copy per layer
         self.mask = mask
         self.needs_gate = self.prefill and self.index is None and self.plan.gate is not None
 
