@@ -84,7 +84,8 @@ def engine_step(model, mops, ids, steps, device):
 def graph_used(eng) -> bool:
     """Whether the engine's decode steps replay a captured CUDA graph (False: eager, or a failed
     capture that fell back)."""
-    return bool(getattr(eng, "use_graph", False) and getattr(eng, "_graphs", None))
+    graphs = getattr(getattr(eng, "graphs", None), "graphs", None)     # serving.graphs.DecodeGraphs
+    return bool(getattr(eng, "use_graph", False) and graphs)
 
 
 def hf_step(model, ids, device, peft_model=None):

@@ -130,7 +130,7 @@ def test_bf16_engine_matches_fp32(backbones, device):
     mops_kernels.attach(a16, p16)
     mops_kernels.attach(a32, p32)
     rows, first = _decidable_rows(a16, a32, ids, mask, idx, w)
-    eng = mops_kernels.Engine(m16, p16, max_batch=2, max_len=32)
+    eng = mops_kernels.Engine(m16, p16, max_batch=2, max_len=32, eos_token_id=[])   # run 4 tokens
     reqs = [eng.submit(ids[b], expert_index=idx[0], expert_weight=w[0], max_new_tokens=4) for b in rows]
     eng.run_until_done()
     assert [r.tokens[0] for r in reqs] == first

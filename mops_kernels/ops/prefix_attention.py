@@ -46,6 +46,8 @@ values are made harmless on the device instead, so a bad value can never read ou
   - other backends: on a CPU, torch._assert_async raises a RuntimeError naming the argument; on a
     GPU, two tiny graph-capturable kernels map an index >= E to -1 (an empty slot) and clamp lens to
     [0, P]. A weight < 0 is treated as 0 (slot excluded) by every backend.
+The serving Engine's decode step goes further and calls the registered backend itself (values
+validated at submit, pools at construction): no check and no extra kernel per layer.
 """
 from __future__ import annotations
 
