@@ -266,3 +266,34 @@ def test_expert_index_checked_where_it_enters(backbones):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1,
                        expert_index=torch.tensor([[1], [0]]), expert_weight=torch.tensor([[-1.0], [1.0]]), **GEN)
 
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_decode_is_captured_in_a_graph(backend, force_backend):
+    """No host read on the GPU decode path: the public op is captured in a CUDA graph and its replay
+    equals the eager call; an out-of-range slot (unchecked there) reads as an empty one, never
+    outside the pool."""
+    if backend == "cuda" and not mops_kernels._backend.extension_has_cuda():
+        pytest.skip("the compiled extension has no CUDA kernels")
+    force_backend(backend)
+    q, k, v, pk, pv, idx, w, lens, mask = [t.cuda() for t in _decode_inputs(D=64)]
+    with torch.no_grad():
+        want = PA.prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=mask)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            PA.prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=mask)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = PA.prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=mask)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+        bad, empty = idx.clone(), idx.clone()
+        bad[0, 1], empty[0, 1] = 99, -1                  # row 0's second slot has weight 0.8
+        got = PA.prefix_attention(q, k, v, pk, pv, bad, w, prefix_lens=lens, attention_mask=mask)
+        assert torch.equal(got, PA.prefix_attention(q, k, v, pk, pv, empty, w, prefix_lens=lens,
+                                                    attention_mask=mask))
+        assert not torch.equal(got[0], want[0]) and torch.equal(got[1:], want[1:])
