@@ -13,8 +13,9 @@ providers on the same work (a dense matmul really reads more).
 Weights hot and cold: with `copies=1` every call reads the same weight, which a CPU's last-level
 cache may hold (SmolLM2's 1536x576 is 3.5 MB in fp32); in a decode step each matrix is read once
 per token, after the other layers' matrices went through the cache. So each shape also runs with
-`copies=C`: C distinct copies of the weight (both formats), used in turn, enough that the dense
-copies exceed 3x the last-level cache (METHOD: rotate inputs that fit in the cache).
+`copies=C`: C distinct copies of the weight (both formats), used in turn, enough that the
+quantized copies (the bytes our kernel reads) exceed 3x the last-level cache / L2 (harness.rotation).
+On a GPU each sample is a CUDA-graph replay of many calls (harness.time_calls).
 Providers: reference (mops_kernels.reference: dequantize then matmul), float matmul (fp32 on the
 CPU, bf16 cuBLAS on a GPU, with the dense weight already materialised), torch int4pack
 (torch._weight_int4pack_mm, CUDA, 4-bit only), ours/<backend> for every backend that runs here
@@ -25,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench  # noqa: E402
+from harness import Bench, rotation  # noqa: E402
 
 from mops_kernels import _backend, reference  # noqa: E402
 from mops_kernels.ops.int4_matmul import int4_matmul  # noqa: E402
@@ -85,21 +85,6 @@ def torch_int4pack(qws, x):
         return f"unavailable: {e!r}"
 
 
-def llc_bytes() -> int:
-    """The last-level cache of this CPU (sysfs), or 32 MiB if it cannot be read."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for idx in os.listdir(base):
-            with open(os.path.join(base, idx, "size")) as f:
-                txt = f.read().strip()
-            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1], 1)
-            best = max(best, int(txt.rstrip("KMG")) * mult)
-    except OSError:
-        pass
-    return best or 32 * 2**20
-
-
 def copies_of(qw: QuantizedWeight, n: int):
     """n QuantizedWeights with the same codes in distinct memory (the first is qw itself)."""
     out = [qw]
@@ -139,10 +124,11 @@ def main():
         print("ours/triton is not timed on the CPU (the interpreter proves it correct, not fast)")
     bench = Bench("int4_matmul", args.device)
     torch.manual_seed(0)
-    llc = torch.cuda.get_device_properties(dev).L2_cache_size if cuda else llc_bytes()
     for N, K, bits, G in shapes:
         qw = quantize(torch.randn(N, K, device=dev) * 0.02, bits=bits, group_size=G)
-        cold = max(2, min(32, math.ceil(3 * llc / (N * K * torch.tensor([], dtype=dtype).element_size()))))
+        # sized from the bytes our kernel reads (codes + scales), not the dense weight's: the int4
+        # copies alone must exceed 3x the L2 / LLC, or "% of HBM" would read the cache
+        cold = max(2, rotation(qw.nbytes(), args.device))
         for n_copies, M in itertools.product((1, cold), ms):
             qws = copies_of(qw, n_copies)
             denses = [q.dequantize(dtype) for q in qws]
@@ -151,12 +137,12 @@ def main():
             shp = dict(M=M, N=N, K=K, bits=bits, G=G, copies=n_copies)
             nbytes = qw.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
             flops = 2 * M * N * K
-            common = dict(shapes=shp, dtype=dname, bytes=nbytes, flops=flops, reps=reps)
+            common = dict(shapes=shp, dtype=dname, bytes=nbytes, flops=flops, reps=reps, copies=n_copies)
             if not cuda:  # a shared CPU: the row says how busy it was (and how ours/cpu threads)
                 common["note"] = (f"loadavg {os.getloadavg()[0]:.2f}; MOPS_INT4_CPU_HELPERS="
                                   f"{os.environ.get('MOPS_INT4_CPU_HELPERS', 'auto')}")
             # the reference dequantizes the whole weight every call: fewer repetitions of it
-            bench.run("reference", lambda: reference.int4_matmul(x, qw), **{**common, "reps": 5})
+            bench.run("reference", lambda: reference.int4_matmul(x, qw), **{**common, "reps": 5, "copies": 1})
             bench.run("float matmul", lambda: torch.matmul(x, denses[next(turn)].t()), **common)
             if cuda:
                 fn = torch_int4pack(qws, x)

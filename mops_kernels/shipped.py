@@ -30,15 +30,18 @@ def shipped_info() -> Optional[dict]:
 def load_shipped(model=None, device=None):
     """The shipped MixtureOfPrompts (bank + smart gate), or None when its files are absent.
 
-    With `model`, the prompts are put on its device and checked against it (ValueError naming the
-    mismatch: the bank was trained for SmolLM2-135M's 30 layers, 3 KV heads of 64, hidden 576)."""
-    from .modules.prompts import MixtureOfPrompts, PromptBank, SmartGate
+    With `model`, the prompts are put on its device, the bank in its activation dtype (bf16 on a GPU
+    backbone), and checked against it (ValueError naming the mismatch: the bank was trained for
+    SmolLM2-135M's 30 layers, 3 KV heads of 64, hidden 576)."""
+    from .modules.prompts import MixtureOfPrompts, PromptBank, SmartGate, model_placement
     info = shipped_info()
     if info is None or not all(os.path.isfile(SHIPPED[k]) for k in ("bank", "gate")):
         return None
-    if device is None and model is not None:
-        device = next(model.parameters()).device
-    bank = PromptBank.load(SHIPPED["bank"], device=device)
+    dtype = None
+    if model is not None:
+        m_device, dtype = model_placement(model)
+        device = device or m_device
+    bank = PromptBank.load(SHIPPED["bank"], device=device, dtype=dtype)
     gate = SmartGate.load(SHIPPED["gate"], device=device)
     prompts = MixtureOfPrompts(bank, gate, info["inject_from"], info.get("position_offset", 0))
     if model is not None:

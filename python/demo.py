@@ -136,7 +136,7 @@ def run_mops(model, tok, prompts, batch, args):
     targets = None
     shipped = None if args.bank else load_shipped(model)
     if args.bank:
-        mops = mops_kernels.MixtureOfPrompts.load(args.bank)
+        mops = mops_kernels.MixtureOfPrompts.load(args.bank, model=model)
         label = f"trained bank from {args.bank}"
     elif shipped is not None:
         mops, info = shipped, shipped_info()

@@ -27,6 +27,15 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every requires_cuda test also carries the `gpu` mark: `pytest -m gpu` selects exactly the
+    tests that place tensors on a GPU (what scripts/gpu_run.sh runs there)."""
+    for item in items:
+        if any(m.name == "skipif" and m.kwargs.get("reason") == requires_cuda.kwargs["reason"]
+               for m in item.iter_markers()):
+            item.add_marker(pytest.mark.gpu)
+
+
 def available_backends(device: str = "cpu"):
     """Backends that can run on `device` in this environment (capability, not runtime errors)."""
     dev = torch.device(device)

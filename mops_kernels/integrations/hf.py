@@ -143,7 +143,46 @@ def validate(model, plan):
                 raise ValueError(f"attach: prompt generator layer {l} out of range for {L} layers")
     if plan.prompts is not None and hasattr(plan.prompts, "check_compatible"):
         plan.prompts.check_compatible(model)      # raises ValueError naming the mismatch
+    _check_placement(model, plan, L)
     return layers
+
+
+def _check_placement(model, plan, num_layers):
+    """Every prompt tensor on the model's device; the bank's pools (and IAPT's generated prefixes,
+    which take the frozen layer's dtype) in the model's activation dtype: prefix_attention takes
+    prefix_k/v in q's dtype. The gate and the generator compute in fp32 from any float hidden
+    state, so only their device must match. Raises ValueError naming the tensor and both sides."""
+    from ..modules.prompts import model_placement
+    device, dtype = model_placement(model)
+    if device is None:
+        return
+    fix = ("build the prompts for this model: MixtureOfPrompts.for_model(model) / "
+           ".load(dir, model=model) / load_shipped(model), or prompts.to(device=..., dtype=...)")
+
+    def same_device(t):
+        return t.device.type == device.type and (t.device.index or 0) == (device.index or 0)
+
+    def check(name, t, want_dtype):
+        if not isinstance(t, torch.Tensor):
+            return
+        if not same_device(t):
+            raise ValueError(f"attach: {name} is on {t.device}, the model is on {device}; {fix}")
+        if want_dtype is not None and t.dtype != want_dtype:
+            raise ValueError(f"attach: {name} is {t.dtype}, the model computes in {want_dtype} "
+                             f"(prefix_attention needs the prefixes in q's dtype); {fix}")
+
+    bank = plan.bank
+    if bank is not None:
+        for l in range(num_layers):
+            kv = bank.layer(l)
+            if kv is not None:
+                check(f"prompt bank keys of layer {l}", kv[0], dtype)
+                check(f"prompt bank values of layer {l}", kv[1], dtype)
+        check("prompt bank lens", bank.lens, None)
+    for what, mod in (("gate", plan.gate), ("prompt generator", plan.generator)):
+        if isinstance(mod, torch.nn.Module):
+            for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+                check(f"{what} tensor {name!r}", t, None)
 
 
 def check_expert_index(index, weight, num_experts):
@@ -158,14 +197,13 @@ def check_expert_index(index, weight, num_experts):
         raise ValueError(f"expert_index must be an integer tensor, got {index.dtype}")
     if num_experts == 0:
         raise ValueError("expert_index given but no prompt bank is attached")
-    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= num_experts):
-        raise ValueError(f"expert_index out of range: values must be in [-1, {num_experts}), got "
-                         f"[{int(index.min())}, {int(index.max())}]")
     if weight is not None and tuple(weight.shape) != tuple(index.shape):
         raise ValueError(f"expert_weight must have shape {tuple(index.shape)} like expert_index, "
                          f"got {tuple(weight.shape)}")
-    if weight is not None and weight.numel() and float(weight.min()) < 0:
-        raise ValueError("expert_weight must be >= 0")
+    # The values are checked here, where they enter: prefix_attention does not read them back
+    # in the no_grad decode path (ops/prefix_attention.py, "Argument checks").
+    from ..ops.prefix_attention import check_prefix_values
+    check_prefix_values(index, weight, None, num_experts, 0, names=("expert_index", "expert_weight", None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +226,9 @@ class _Request:
                 if batch % t.shape[0]:
                     raise ValueError(f"expert_index has {t.shape[0]} rows, the batch has {batch}")
                 setattr(self, name, t.repeat_interleave(batch // t.shape[0], dim=0))  # beams share experts
+            t = getattr(self, name)
+            if t is not None and mask is not None and t.device != mask.device:
+                setattr(self, name, t.to(mask.device))   # once, not a host-to-device copy per layer
         self.mask = mask
         self.needs_gate = self.prefill and self.index is None and self.plan.gate is not None
 

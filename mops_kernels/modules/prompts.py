@@ -58,9 +58,25 @@ def _check_layers(name: str, layers: Iterable[int], num_layers: int) -> list:
     return sorted(layers)
 
 
-def _model_device(model):
-    p = next(iter(model.parameters()), None)
-    return None if p is None else p.device
+def model_placement(model) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
+    """(device, activation dtype) of an HF model: where its hidden states live and in which dtype.
+
+    Prompt pools must match both (prefix_attention takes prefix_k/v in q's dtype, on q's device).
+    The activation dtype is what the input embedding outputs: a 4-bit backbone (load_backbone) holds
+    int4/int8 codes and fp16 scales in buffers, so the first parameter's dtype is not the answer
+    there; a plain HF model's embedding outputs its weight dtype. (None, None) for a model with no
+    parameters or buffers."""
+    t = next(iter(model.parameters()), None)
+    if t is None:
+        t = next(iter(model.buffers()), None)
+    if t is None:
+        return None, None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        return t.device, t.dtype if t.is_floating_point() else torch.float32
+    with torch.no_grad():
+        out = emb(torch.zeros(1, 1, dtype=torch.long, device=t.device))
+    return t.device, out.dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,12 +186,23 @@ class PromptBank(nn.Module):
     def save(self, path: str) -> None:
         save_tensors(path, {"keys": self.keys, "values": self.values, "lens": self.lens}, self.config())
 
+    def check_lens(self) -> None:
+        """Raise ValueError unless every lens value lies in [0, P]. The bank is where slot lengths
+        enter (construction, set_slot, load), so prefix_attention need not read them back on the
+        host at every layer (see its docstring); call this after writing `lens` by hand."""
+        lo, hi = int(self.lens.min()), int(self.lens.max())
+        if lo < 0 or hi > self.prompt_len:
+            raise ValueError(f"prompt bank lens must lie in [0, prompt_len={self.prompt_len}], got [{lo}, {hi}]")
+
     @classmethod
-    def load(cls, path: str, device=None) -> "PromptBank":
+    def load(cls, path: str, device=None, dtype=None) -> "PromptBank":
+        """The bank saved at `path`, on `device` in `dtype` (default: as saved). Give the model's
+        activation dtype on a GPU (`model_placement`), or use MixtureOfPrompts.load(dir, model=...)."""
         tensors, cfg = load_tensors(path, device)
-        cfg["dtype"] = getattr(torch, cfg["dtype"])
+        cfg["dtype"] = getattr(torch, cfg["dtype"]) if dtype is None else dtype
         bank = cls(**cfg, device=device)
-        bank.load_state_dict(tensors)
+        bank.load_state_dict(tensors)          # copies (and casts) into the parameters
+        bank.check_lens()
         return bank
 
 
@@ -389,8 +416,12 @@ class MixtureOfPrompts(nn.Module):
 
     @classmethod
     def for_model(cls, model, num_experts: int = 8, prompt_len: int = 16, top_k: int = 2,
-                  gate_layer: int = 10, inject_from: int = 11, gate_hidden: int = 256) -> "MixtureOfPrompts":
-        """A fresh bank + gate sized for an HF model (experts at every layer >= inject_from)."""
+                  gate_layer: int = 10, inject_from: int = 11, gate_hidden: int = 256,
+                  dtype=None) -> "MixtureOfPrompts":
+        """A fresh bank + gate sized for an HF model (experts at every layer >= inject_from), on the
+        model's device; the bank in the model's activation dtype (`model_placement`; `dtype`
+        overrides), as prefix_attention needs. The gate stays fp32: gate_topk accumulates in fp32
+        and reads a hidden state of any float dtype."""
         dims = model_dims(model)
         L = dims["num_layers"]
         if not isinstance(gate_layer, int) or not 0 <= gate_layer < L:
@@ -401,9 +432,9 @@ class MixtureOfPrompts(nn.Module):
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in 1..num_experts={num_experts}, got {top_k!r}")
-        device = _model_device(model)
+        device, act_dtype = model_placement(model)
         bank = PromptBank(L, range(inject_from, L), num_experts, prompt_len, dims["num_kv_heads"],
-                          dims["head_dim"], device=device)
+                          dims["head_dim"], dtype=dtype or act_dtype or torch.float32, device=device)
         gate = SmartGate(dims["hidden_size"], num_experts, top_k, gate_layer, gate_hidden).to(device)
         return cls(bank, gate, inject_from)
 
@@ -435,10 +466,19 @@ class MixtureOfPrompts(nn.Module):
                            has_gate=self.gate is not None), f)
 
     @classmethod
-    def load(cls, directory: str, device=None) -> "MixtureOfPrompts":
+    def load(cls, directory: str, device=None, dtype=None, model=None) -> "MixtureOfPrompts":
+        """The prompts saved by `save(directory)`. With `model`: on its device, the bank in its
+        activation dtype (what attach/Engine need; `device`/`dtype` override), and checked against
+        it (ValueError naming the mismatch). Without: as saved, on `device`."""
         with open(os.path.join(directory, "mops.json")) as f:
             meta = json.load(f)
-        bank = PromptBank.load(os.path.join(directory, "bank.safetensors"), device=device)
+        if model is not None:
+            m_device, m_dtype = model_placement(model)
+            device, dtype = device or m_device, dtype or m_dtype
+        bank = PromptBank.load(os.path.join(directory, "bank.safetensors"), device=device, dtype=dtype)
         gate = SmartGate.load(os.path.join(directory, "gate.safetensors"), device=device) \
             if meta.get("has_gate", True) else None
-        return cls(bank, gate, meta["inject_from"], meta.get("position_offset", 0))
+        prompts = cls(bank, gate, meta["inject_from"], meta.get("position_offset", 0))
+        if model is not None:
+            prompts.check_compatible(model)
+        return prompts

@@ -31,6 +31,23 @@ Backends (registered with `_backend.register` above `prefix_attention`):
     torch   plain PyTorch: the selected slots gathered (index_select) and one SDPA call with a
             float mask carrying log w; with no prefixes, SDPA with a boolean mask. This backend
             does materialise the gathered prefixes; it is the fallback and the baseline.
+
+Argument checks. Shapes, dtypes and devices are checked on every call (metadata: free). The VALUES
+(prefix_index in [-1, E), prefix_weight >= 0, prefix_lens in [0, P]) are checked where the data
+enters, once: `attach`/`generate` (`expert_index`, `expert_weight`: integrations/hf.py), the
+Engine's `submit`, PromptBank's construction, `set_slot` and `load`, and the gate, whose outputs are
+in range by construction. Reading them back here on a GPU would cost a device sync per read (five
+per layer, ~100 per decode step of a 7B model) and raise under CUDA-graph capture. So this op reads
+values on the host (`check_prefix_values`, ValueError naming the argument) only when that is legal
+and cheap beside the call: autograd enabled (training, a direct user call) and no graph capture.
+Otherwise (no_grad / inference_mode, the serving paths, or capturing) nothing is read back and the
+values are made harmless on the device instead, so a bad value can never read out of bounds:
+  - cpu backend: the C++ glue re-checks index and lens ranges itself (no sync on a CPU);
+  - other backends: on a CPU, torch._assert_async raises a RuntimeError naming the argument; on a
+    GPU, two tiny graph-capturable kernels map an index >= E to -1 (an empty slot) and clamp lens to
+    [0, P]. A weight < 0 is treated as 0 (slot excluded) by every backend.
+The serving Engine's decode step goes further and calls the registered backend itself (values
+validated at submit, pools at construction): no check and no extra kernel per layer.
 """
 from __future__ import annotations
 
@@ -42,7 +59,7 @@ import torch.nn.functional as F
 
 from .. import _backend
 
-__all__ = ["prefix_attention"]
+__all__ = ["prefix_attention", "check_prefix_values"]
 
 _OP = "prefix_attention"
 
@@ -101,9 +118,6 @@ def _check(q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens
         raise ValueError(f"prefix_index must be an integer tensor, got {prefix_index.dtype}")
     if prefix_index.device != q.device:
         raise ValueError(f"prefix_index must be on q's device {q.device}, got {prefix_index.device}")
-    if prefix_index.numel() and (int(prefix_index.min()) < -1 or int(prefix_index.max()) >= E):
-        raise ValueError(f"prefix_index values must lie in [-1, E={E}), got "
-                         f"[{int(prefix_index.min())}, {int(prefix_index.max())}]")
     if prefix_weight is not None:
         if tuple(prefix_weight.shape) != tuple(prefix_index.shape):
             raise ValueError(f"prefix_weight must have shape (B, kk) = {tuple(prefix_index.shape)}, "
@@ -112,8 +126,6 @@ def _check(q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens
             raise ValueError(f"prefix_weight must be a floating tensor, got {prefix_weight.dtype}")
         if prefix_weight.device != q.device:
             raise ValueError(f"prefix_weight must be on q's device {q.device}, got {prefix_weight.device}")
-        if prefix_weight.numel() and bool((prefix_weight < 0).any()):
-            raise ValueError("prefix_weight must be >= 0 (w == 0 excludes a slot)")
     if prefix_lens is not None:
         if tuple(prefix_lens.shape) != (E,):
             raise ValueError(f"prefix_lens must have shape (E,) = ({E},), got {tuple(prefix_lens.shape)}")
@@ -121,8 +133,57 @@ def _check(q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens
             raise ValueError(f"prefix_lens must be an integer tensor, got {prefix_lens.dtype}")
         if prefix_lens.device != q.device:
             raise ValueError(f"prefix_lens must be on q's device {q.device}, got {prefix_lens.device}")
-        if E and (int(prefix_lens.min()) < 0 or int(prefix_lens.max()) > P):
-            raise ValueError(f"prefix_lens values must lie in [0, P={P}]")
+
+
+def check_prefix_values(prefix_index, prefix_weight, prefix_lens, E: int, P: int,
+                        names=("prefix_index", "prefix_weight", "prefix_lens")) -> None:
+    """ValueError unless index in [-1, E), weight >= 0, lens in [0, P] (any of them may be None).
+
+    Reads the values back on the host (a device sync each on a GPU): call it where data enters,
+    not per layer. `names` are the argument names the messages use (e.g. generate's expert_index)."""
+    n_idx, n_w, n_lens = names
+    if prefix_index is not None and prefix_index.numel():
+        lo, hi = int(prefix_index.min()), int(prefix_index.max())
+        if lo < -1 or hi >= E:
+            raise ValueError(f"{n_idx} out of range: values must lie in [-1, E={E}), got [{lo}, {hi}]")
+    if prefix_weight is not None and prefix_weight.numel() and bool((prefix_weight < 0).any()):
+        raise ValueError(f"{n_w} must be >= 0 (w == 0 excludes a slot)")
+    if prefix_lens is not None and prefix_lens.numel():
+        lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
+        if lo < 0 or hi > P:
+            raise ValueError(f"{n_lens} out of range: values must lie in [0, P={P}], got [{lo}, {hi}]")
+
+
+def _host_checks_allowed(q) -> bool:
+    """Value checks on the host here: autograd on and no CUDA graph being captured (module docstring)."""
+    if not torch.is_grad_enabled():
+        return False
+    return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _values_on_device(q, prefix_index, prefix_weight, prefix_lens, E, P, backend):
+    """The unchecked path: no host read; returns (prefix_index, prefix_lens) that cannot read out of
+    bounds. The cpu backend's C++ glue checks the ranges itself."""
+    if backend == "cpu":
+        return prefix_index, prefix_lens
+    if q.device.type == "cpu":     # synchronous on a CPU: a clear error, no Python-side host read
+        if prefix_index.numel():
+            torch._assert_async(((prefix_index >= -1) & (prefix_index < E)).all(),
+                                f"prefix_index values must lie in [-1, E={E})")
+        if prefix_lens is not None and prefix_lens.numel():
+            torch._assert_async(((prefix_lens >= 0) & (prefix_lens <= P)).all(),
+                                f"prefix_lens values must lie in [0, P={P}]")
+        return prefix_index, prefix_lens
+    return harmless_values(prefix_index, prefix_lens, E, P)
+
+
+def harmless_values(prefix_index, prefix_lens, E: int, P: int):
+    """No host read, graph-capturable: an index >= E becomes -1 (an empty slot; < 0 already is one)
+    and lens are clamped to [0, P], so no kernel can read outside the pool [E, P, Hkv, D]."""
+    prefix_index = torch.where(prefix_index < E, prefix_index, torch.full_like(prefix_index, -1))
+    if prefix_lens is not None:
+        prefix_lens = prefix_lens.clamp(0, P)
+    return prefix_index, prefix_lens
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,4 +324,14 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # 0.049 vs 0.160 ms at B=1, 0.234 vs 0.360 ms at B=8).
     if not has_prefix and q.device.type == "cpu" and _backend.forced(_OP) is None and (q.shape[2] > 1 or grad):
         return _run_torch(*args)
-    return _backend.dispatch(_OP, q.device, q, has_prefix, grad).fn(*args)
+    impl = _backend.dispatch(_OP, q.device, q, has_prefix, grad)
+    if has_prefix:       # values: checked on the host, or made harmless on the device (docstring)
+        E, P = prefix_k.shape[0], prefix_k.shape[1]
+        if _host_checks_allowed(q):
+            check_prefix_values(prefix_index, prefix_weight, prefix_lens, E, P)
+        else:
+            prefix_index, prefix_lens = _values_on_device(q, prefix_index, prefix_weight, prefix_lens,
+                                                          E, P, impl.backend)
+            args = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens, attention_mask,
+                    causal, scale)
+    return impl.fn(*args)

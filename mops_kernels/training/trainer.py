@@ -42,7 +42,7 @@ from torch import nn
 
 from ..families import decoder_layers, model_dims
 from ..modules.prompts import (InstructionPromptGenerator, MixtureOfPrompts, PromptBank, load_tensors,
-                               save_tensors)
+                               model_placement, save_tensors)
 from .data import collate
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -132,9 +132,9 @@ def build_prompts(model, mode: str, *, num_experts: int = 4, prompt_len: int = 8
     if mode == "single":
         dims = model_dims(model)
         L = dims["num_layers"]
-        dev = next(model.parameters()).device
+        dev, dtype = model_placement(model)
         bank = PromptBank(L, range(inject_from, L), 1, num_experts * prompt_len, dims["num_kv_heads"],
-                          dims["head_dim"], device=dev)
+                          dims["head_dim"], dtype=dtype, device=dev)
         return MixtureOfPrompts(bank, None, inject_from)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
