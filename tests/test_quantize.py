@@ -91,9 +91,8 @@ def test_logits_equal_dequantized_float_model(family, dtype):
     plain = dequantized_twin(original, model, dtype)                   # plain PyTorch in dtype
     out, ref, pl = _logits(model, ids, mask), _logits(ref32, ids, mask), _logits(plain, ids, mask)
     assert tol_ok(out, ref, pl, dtype), (rel_err(out, ref), rel_err(pl, ref))
-    if dtype == torch.float32:
-        want = plain.generate(input_ids=ids, attention_mask=mask, **GEN)
-        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GEN), want)
+    want = plain.generate(input_ids=ids, attention_mask=mask, **GEN)              # greedy, left-padded
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GEN), want)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -238,27 +237,30 @@ def test_quantizer_equals_quantize_and_loads_layer_by_layer(family, dtype, tie, 
     assert torch.equal(_logits(got, ids, mask), _logits(want, ids, mask))
 
 
-@pytest.mark.parametrize("family,dtype,tie,bits", [("llama", torch.float32, True, 4),
-                                                   ("qwen2", torch.bfloat16, False, 4),
-                                                   ("mistral", torch.float32, True, 8)])
-def test_save_load_round_trip_bit_exact(family, dtype, tie, bits, tmp_path):
+@pytest.mark.parametrize("family,dtype,tie,bits,head", [("llama", torch.float32, True, 4, True),
+                                                        ("qwen2", torch.bfloat16, False, 4, True),
+                                                        ("mistral", torch.float32, True, 8, True),
+                                                        ("llama", torch.bfloat16, True, 4, False)])
+def test_save_load_round_trip_bit_exact(family, dtype, tie, bits, head, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    model = mops_kernels.quantize_(_tiny(family, dtype, tie_word_embeddings=tie), bits=bits)
+    model = mops_kernels.quantize_(_tiny(family, dtype, tie_word_embeddings=tie), bits=bits, quantize_head=head)
     model.save_pretrained(tmp_path)
     with open(tmp_path / "config.json") as f:
         qc = json.load(f)["quantization_config"]
-    assert qc == {"quant_method": "mops", "bits": bits, "group_size": 32, "quantize_head": True}
+    assert qc == {"quant_method": "mops", "bits": bits, "group_size": 32, "quantize_head": head}
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert "model.layers.0.self_attn.q_proj.qweight" in keys and not any(k.endswith("proj.weight") for k in keys)
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert all(not v for v in info.values()), info
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, Int4Linear)
-    assert isinstance(loaded.model.embed_tokens, QuantEmbedding)
-    if tie:
+    assert isinstance(loaded.model.embed_tokens, QuantEmbedding if head else nn.Embedding)
+    if tie and head:
         assert loaded.model.embed_tokens.qw.qweight.data_ptr() == loaded.lm_head.qweight.data_ptr()
+    elif tie:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert loaded.config._attn_implementation == ATTN_NAME
     _assert_same_state(loaded, model)                                 # codes, scales, mins, norms
     ids, mask = left_padded()

@@ -101,6 +101,10 @@ def _targets(model, bits: int, group_size: int, quantize_head: bool) -> List[Tup
         if emb.embedding_dim % GROUP_SIZE_8BIT:
             raise ValueError(f"quantize_: the embedding dim {emb.embedding_dim} is not a multiple of "
                              f"{GROUP_SIZE_8BIT} (Q8_0 blocks); pass quantize_head=False")
+        head = getattr(model, "lm_head", None)
+        if type(head) is not nn.Linear or head.bias is not None:
+            raise ValueError(f"quantize_: lm_head must be an nn.Linear without bias to quantize the head, "
+                             f"got {head!r}; pass quantize_head=False")
     return out
 
 
@@ -110,6 +114,7 @@ def _replace(model, name: str, new: nn.Module) -> None:
 
 
 def _tied(model) -> bool:
+    """The config's choice, for an empty (meta) skeleton at load time."""
     return bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
 
 
@@ -130,10 +135,9 @@ def _set_head(model, emb_qw: QuantizedWeight, head_qw: Optional[QuantizedWeight]
 
 
 def _quantize_head(model) -> None:
+    """Embedding and head of a loaded model to Q8_0; tied when they are one tensor (as loaded)."""
     emb = model.get_input_embeddings().weight
-    head = None if _tied(model) else int8_quantize(model.lm_head.weight.detach())
-    if model.lm_head.bias is not None:
-        raise ValueError("quantize_: lm_head has a bias; pass quantize_head=False")
+    head = None if model.lm_head.weight is emb else int8_quantize(model.lm_head.weight.detach())
     _set_head(model, int8_quantize(emb.detach()), head, emb.dtype)
 
 
@@ -143,9 +147,6 @@ def _mark(model, config: "MopsQuantConfig") -> None:
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     model.hf_quantizer = MopsHfQuantizer(config, pre_quantized=True)
-    for m in model.modules():
-        if hasattr(m, "config") and hasattr(m.config, "_is_quantized"):
-            m.config._is_quantized = True
 
 
 def quantize_(model, bits: int = 4, group_size: int = 32, *, quantize_head: bool = True):
