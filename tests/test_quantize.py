@@ -2,7 +2,7 @@
 
 Oracle: the same transformers model whose linears (and embedding / head) hold the dequantized
 weights, run by plain transformers. Tier 1: tiny random Llama / Mistral / Qwen2 from config (fp32,
-bf16). Tier 2 (slow): SmolLM2 from its GGUF through transformers' GGUF loader (float), quantize_
+bf16, fp16). Tier 2 (slow): SmolLM2 from its GGUF through transformers' GGUF loader (float), quantize_
 gives back the file's own Q4_1 / Q8_0 blocks.
 """
 import copy
@@ -76,7 +76,7 @@ def _assert_same_state(a, b):
 # quantize_: structure, logits, generate
 # -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_logits_equal_dequantized_float_model(family, dtype):
     original = _tiny(family, dtype)
     model = copy.deepcopy(original)
