@@ -44,8 +44,11 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..families import FAMILIES, family
+from ..families import family
 from ..modules.int4_linear import Int4Linear
 from ..modules.quant_embedding import QuantEmbedding
 from ..ops.quant_format import GROUP_SIZE_8BIT, GROUP_SIZES_4BIT, QuantizedWeight, int8_quantize, quantize
@@ -53,10 +56,6 @@ from .attention import use_mops_attention
 
 QUANT_METHOD = "mops"
 HEAD_BITS = 8           # the embedding / head format (Q8_0), as the default backbone's GGUF stores it
-
-from transformers.core_model_loading import ConversionOps  # noqa: E402  (integrations import transformers)
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer  # noqa: E402
-from transformers.utils.quantization_config import QuantizationConfigMixin  # noqa: E402
 
 
 # -------------------------------------------------------------------------------------------
