@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..families import FAMILIES
-from ..modules.int4_linear import Int4Linear, replace_linears
+from ..modules.int4_linear import Int4Linear
 from ..modules.quant_embedding import QuantEmbedding
 from ..ops.quant_format import QuantizedWeight, int4_quantize, int8_quantize
 from .attention import use_mops_attention
@@ -205,6 +205,8 @@ def _pad_left(tok):
 def _from_hf_dir(path: str, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .quantize import quantize_
+
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise BackboneLoadError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
@@ -221,20 +223,8 @@ def _from_hf_dir(path: str, device, dtype):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as e:
         raise BackboneLoadError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {e})") from e
-    replace_linears(model, bits=4, group_size=GROUP_SIZE, should_replace=lambda n, m: n != "lm_head")
-    weights = {"model.embed_tokens.weight": int8_quantize(model.get_input_embeddings().weight.detach())}
-    if not model.config.tie_word_embeddings:
-        weights["lm_head.weight"] = int8_quantize(model.lm_head.weight.detach())
+    quantize_(model, bits=4, group_size=GROUP_SIZE, quantize_head=True)   # embedding / head: 8-bit
     model.to(device)
-    inner = model.get_decoder()
-    old = inner.embed_tokens
-    emb = weights["model.embed_tokens.weight"].to(device)
-    if model.config.tie_word_embeddings:
-        model.lm_head = Int4Linear(emb)
-        inner.embed_tokens = QuantEmbedding.tied(model.lm_head, padding_idx=old.padding_idx, dtype=dtype)
-    else:
-        model.lm_head = Int4Linear(weights["lm_head.weight"].to(device))
-        inner.embed_tokens = QuantEmbedding(emb, padding_idx=old.padding_idx, dtype=dtype)
     has_tok = any(os.path.isfile(os.path.join(path, f))
                   for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     tok = _pad_left(AutoTokenizer.from_pretrained(path)) if has_tok else None
