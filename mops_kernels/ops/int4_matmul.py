@@ -38,6 +38,7 @@ except Exception:  # triton missing: the triton backend reports itself unavailab
 
 _COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GEMV_MAX_M = 16        # decode: up to 16 tokens per call take the GEMV kernels
+_CUDA_GEMV_MAX_M = 4    # csrc/int4_matmul_kernel.cuh kMaxM
 
 if triton is not None:
 
@@ -248,7 +249,7 @@ def _compiled_dtype(x2: torch.Tensor, qw: QuantizedWeight) -> bool:
 
 def _cuda_case(x2: torch.Tensor, qw: QuantizedWeight) -> bool:
     # the CUDA GEMV reads 16-byte vectors of weight rows and of x: aligned pointers and rows
-    return (x2.dtype in _COMPILED_DTYPES and x2.shape[0] <= _GEMV_MAX_M
+    return (x2.dtype in _COMPILED_DTYPES and x2.shape[0] <= _CUDA_GEMV_MAX_M
             and qw.qweight.data_ptr() % 16 == 0 and x2.data_ptr() % 16 == 0
             and (x2.stride(0) * x2.element_size()) % 16 == 0)
 
