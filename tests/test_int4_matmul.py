@@ -208,13 +208,19 @@ def test_forward_cuda(force_backend, backend, bits, G, K, M, dtype, _tol):
     if backend == "cuda" and not _backend.extension_has_cuda():
         pytest.skip("the extension was built without CUDA kernels")
     force_backend(backend)
-    qw = _case(bits, G, K, 1536, device="cuda")
+    qw = _case(bits, G, K, 1537, device="cuda")      # odd N: a partial last warp / tile
     x = torch.randn(M, K, device="cuda").to(dtype)
-    if backend == "cuda" and M > 4:    # the CUDA GEMV is the decode kernel (M <= 4)
+    bias = torch.randn(1537, device="cuda").to(dtype)
+    if backend == "cuda" and M > 1:   # the op gives the CUDA GEMV M = 1; the kernel takes M <= 4
         with pytest.raises(_backend.BackendUnavailable):
             int4_matmul(x, qw)
+        gemv = _backend.extension().int4_matmul_cuda
+        if M > 4:
+            with pytest.raises(RuntimeError, match="M <= 4"):
+                gemv(x, qw.qweight, qw.scale, qw.min, G, bits)
+            return
+        _check_close(gemv(x, qw.qweight, qw.scale, qw.min, G, bits), x, qw, dtype)
         return
-    bias = torch.randn(1536, device="cuda").to(dtype)
     _check_close(int4_matmul(x, qw, bias), x, qw, dtype, bias)
 
 
@@ -376,3 +382,43 @@ def test_gemv_host_matches_reference(gemv_host, tmp_path, bits, G, groups, M):
     ref = x.double() @ qw.dequantize(torch.float64).t()
     assert rel_err(y, ref) <= 1e-5, rel_err(y, ref)
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max() * K ** 0.5
+
+
+# ---- the tensor-core kernel (M >= 2 on a GPU), through the interpreter --------------------------
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton (interpreter)")
+@pytest.mark.parametrize("bits,G,groups", [(4, 32, 3), (4, 32, 37), (4, 64, 9), (4, 128, 5), (8, 32, 3),
+                                           (8, 32, 37)])
+@pytest.mark.parametrize("M", [2, 3, 17, 33, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tc_kernel(force_backend, monkeypatch, bits, G, groups, M, dtype):
+    """`_int4_matmul_tc_kernel` against the fp64 product: odd N (a partial second tile) and K an
+    odd multiple of the group (padded steps; K <= one step stores directly into a NaN-poisoned y,
+    longer K takes the split-K atomic path); 4/8-bit, G 32/64/128, M across the 16/32/64 tiles."""
+    import mops_kernels.ops.int4_matmul as IM
+    force_backend("triton")
+    made = []
+    def poisoned(M_, N_, atomic, x2):
+        y = IM.__dict__["_tc_output_orig"](M_, N_, atomic, x2)
+        made.append(atomic)
+        return y if atomic else y.fill_(float("nan"))
+    monkeypatch.setitem(IM.__dict__, "_tc_output_orig", IM._tc_output)
+    monkeypatch.setattr(IM, "_tc_output", poisoned)
+    torch.manual_seed(bits * 1000 + G * 10 + M)
+    K, N = G * groups, 150
+    qw = _case(bits, G, K, N)
+    x = torch.randn(M, K).to(dtype)
+    with torch.no_grad():
+        out = int4_matmul(x, qw)
+    assert made == [K > (128 if bits == 4 else 64)], made     # the path the case meant to take
+    _check_close(out, x, qw, dtype)
+
+
+def test_tc_pack_is_cached_and_follows_in_place_changes():
+    """qw.packed_for builds the tensor-core layout once, and again after an in-place change."""
+    import mops_kernels.ops.int4_matmul as IM
+    qw = _case(4, 32, 96, 5)
+    first = qw.packed_for("tc", IM._tc_pack)
+    assert qw.packed_for("tc", IM._tc_pack) is first
+    qw.scale.mul_(2)
+    again = qw.packed_for("tc", IM._tc_pack)
+    assert again is not first and torch.equal(again[1][: 96 // 32], qw.scale.t())

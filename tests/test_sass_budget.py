@@ -76,3 +76,47 @@ def test_cuda_gemv_compiles_for_sm80(gemv_cubins):
     sass = sass_of(gemv_cubins["sm_80"])
     for key in GEMV_BUDGETS:
         assert _mangled(*key) in sass, key
+
+
+# ---- the Triton tensor-core kernel (M >= 2 on a GPU) --------------------------------------------
+# (bits, G, M): budget per 16 B of weights per thread, with the block sizes `_tc_blocks` picks for
+# that M. One loop iteration is one K step: BLOCK_N rows x 64 bytes (128 4-bit or 64 8-bit codes).
+TC_BUDGETS = {(4, 128, 16): 182, (4, 32, 16): 209, (8, 32, 16): 117, (4, 128, 64): 222}
+
+
+@pytest.fixture(scope="module")
+def tc_counts(tmp_path_factory):
+    """{(bits, G, M): SASS instructions per 16 B} of `_int4_matmul_tc_kernel` built for sm_90."""
+    import torch
+    import triton.language as tl
+    from mops_kernels.ops import int4_matmul as IM
+    from utils import HAS_NVIDIA_BACKEND, compile_specs_for_sm90, sm90_spec
+    if not HAS_NVIDIA_BACKEND:
+        pytest.skip("needs Triton's NVIDIA backend (ptxas)")
+    d = tmp_path_factory.mktemp("tc_sass")
+    sig = {"x_ptr": "*bf16", "qt_ptr": "*i32", "st_ptr": "*fp16", "mt_ptr": "*fp16", "y_ptr": "*fp32",
+           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "steps_per_split": "i32",
+           **{c: "constexpr" for c in ("G", "BITS", "DOT_DTYPE", "BLOCK_M", "BLOCK_N", "EVEN_K", "ATOMIC")}}
+    div16 = {a: "D" for a in ("x_ptr", "qt_ptr", "st_ptr", "mt_ptr", "y_ptr", "N", "K", "stride_xm")}
+    specs, per_iter = [], {}
+    for bits, G, M in TC_BUDGETS:
+        bm, bn, _, _, warps, stages = IM._tc_blocks(M, 4096, 4096, bits, torch.device("cpu"))
+        spec = sm90_spec(IM._int4_matmul_tc_kernel, sig,
+                         dict(G=G, BITS=bits, DOT_DTYPE=tl.bfloat16, BLOCK_M=bm, BLOCK_N=bn, EVEN_K=True,
+                              ATOMIC=True), div16, {"num_warps": warps, "num_stages": stages})
+        spec["cubin_path"] = str(d / f"tc_{bits}_{G}_{M}.cubin")
+        specs.append(spec)
+        per_iter[(bits, G, M)] = bn * 64 / (32 * warps) / 16      # 16-byte units per thread per step
+    res = compile_specs_for_sm90(specs)
+    assert all(r["ok"] for r in res), [r["error"] for r in res if not r["ok"]]
+    return {k: count_loop_instructions(sass_of(s["cubin_path"]), "_int4_matmul_tc_kernel") / per_iter[k]
+            for k, s in zip(TC_BUDGETS, specs)}
+
+
+@requires_sass
+@pytest.mark.parametrize("key", list(TC_BUDGETS), ids=lambda k: f"q{k[0]}-G{k[1]}-M{k[2]}")
+def test_triton_tc_loop_budget(tc_counts, key):
+    per16 = tc_counts[key]
+    print(f"_int4_matmul_tc_kernel {key}: {per16:.1f} SASS instructions per 16 B (budget {TC_BUDGETS[key]})")
+    assert per16 <= TC_BUDGETS[key], (key, per16)
+    assert per16 >= 0.5 * TC_BUDGETS[key], ("the loop found is not the main loop", key, per16)
