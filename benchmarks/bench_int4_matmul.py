@@ -10,17 +10,21 @@ Q8_0 tied embedding / output head). GPU: 4096x4096 and 4096x11008 (Llama-7B-like
 (the group size torch's int4 kernel is usually run with) plus the SmolLM2 head in 8-bit.
 GB/s counts the bytes of the quantized weight + x + y for every provider, so the column compares
 providers on the same work (a dense matmul really reads more).
-Weights hot and cold: with `copies=1` every call reads the same weight, which a CPU's last-level
-cache may hold (SmolLM2's 1536x576 is 3.5 MB in fp32); in a decode step each matrix is read once
-per token, after the other layers' matrices went through the cache. So each shape also runs with
-`copies=C`: C distinct copies of the weight (both formats), used in turn, enough that the
-quantized copies (the bytes our kernel reads) exceed 3x the last-level cache / L2 (harness.rotation).
+Weights hot and cold: with `copies=1` every call reads the same weight, which a cache may hold
+(a GPU's L2 is 50 MB on an H100; SmolLM2's 1536x576 is 3.5 MB in fp32 on a CPU); in a decode step
+each matrix is read once per token, after the other layers' matrices went through the cache. So
+each shape also runs with `copies=C`: C distinct copies of the weight (both formats), used in
+turn, C sized from the QUANTIZED bytes so that the int4 copies alone exceed 3x the cache (L2 on a
+GPU, the last-level cache on a CPU; at most 256 copies). (Sizing from the dense bytes would leave
+the int4 copies inside L2 and make "% of HBM" read L2.) The counts come from harness.rotation.
 On a GPU each sample is a CUDA-graph replay of many calls (harness.time_calls).
 Providers: reference (mops_kernels.reference: dequantize then matmul), float matmul (fp32 on the
 CPU, bf16 cuBLAS on a GPU, with the dense weight already materialised), torch int4pack
-(torch._weight_int4pack_mm, CUDA, 4-bit only), ours/<backend> for every backend that runs here
-(through the public op), and on the CPU ours/cpu-kernel: the compiled kernel called directly, as
-the serving Engine does (no Python dispatch).
+(torch._weight_int4pack_mm, CUDA, 4-bit only), ours (the public op with its default dispatch:
+what a model gets), and on a GPU each of our kernels forced: ours/cuda-gemv (the CUDA GEMV,
+M <= 4, called through the extension) and ours/triton-tc (the tensor-core kernel, every M); on the
+CPU ours/cpu-kernel: the compiled kernel called directly, as the serving Engine does (no Python
+dispatch).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Bench, rotation  # noqa: E402
 
 from mops_kernels import _backend, reference  # noqa: E402
-from mops_kernels.ops.int4_matmul import int4_matmul  # noqa: E402
+from mops_kernels.ops.int4_matmul import _tc_pack, int4_matmul  # noqa: E402
 from mops_kernels.ops.quant_format import QuantizedWeight, quantize  # noqa: E402
 
 CPU_SHAPES = [(1536, 576, 4, 32), (576, 1536, 4, 32), (49152, 576, 8, 32)]    # N, K, bits, G
@@ -43,6 +47,7 @@ CPU_SHAPES = [(1536, 576, 4, 32), (576, 1536, 4, 32), (49152, 576, 8, 32)]    # 
 DECODE_SHAPES = [(576, 576, 4, 32), (192, 576, 4, 32), (1536, 576, 4, 32), (576, 1536, 4, 32),
                  (49152, 576, 8, 32)]
 GPU_SHAPES = [(4096, 4096, 4, 128), (4096, 11008, 4, 128), (49152, 576, 8, 32)]
+_ELEM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -131,8 +136,11 @@ def main():
         cold = max(2, rotation(qw.nbytes(), args.device))
         for n_copies, M in itertools.product((1, cold), ms):
             qws = copies_of(qw, n_copies)
-            denses = [q.dequantize(dtype) for q in qws]
+            # the dense copies rotate on their own: enough to exceed 3x the cache as well
+            n_dense = max(1, min(n_copies, rotation(N * K * _ELEM[dtype], args.device)))
+            denses = [q.dequantize(dtype) for q in qws[:n_dense]]
             turn = itertools.cycle(range(n_copies))
+            dturn = itertools.cycle(range(n_dense))
             x = torch.randn(M, K, device=dev, dtype=dtype)
             shp = dict(M=M, N=N, K=K, bits=bits, G=G, copies=n_copies)
             nbytes = qw.nbytes() + x.numel() * x.element_size() + M * N * x.element_size()
@@ -143,19 +151,25 @@ def main():
                                   f"{os.environ.get('MOPS_INT4_CPU_HELPERS', 'auto')}")
             # the reference dequantizes the whole weight every call: fewer repetitions of it
             bench.run("reference", lambda: reference.int4_matmul(x, qw), **{**common, "reps": 5, "copies": 1})
-            bench.run("float matmul", lambda: torch.matmul(x, denses[next(turn)].t()), **common)
+            bench.run("float matmul", lambda: torch.matmul(x, denses[next(dturn)].t()), **{**common, "copies": n_dense})
             if cuda:
                 fn = torch_int4pack(qws, x)
                 if callable(fn):
                     bench.run("torch int4pack", fn, **common)
                 else:
                     print(f"torch int4pack skipped for {shp}: {fn}")
-            for b in ours:
-                if b == "cuda" and M > 16:
-                    continue
-                os.environ["MOPS_BACKEND"] = b
+            if cuda and "triton" in ours:    # the tensor-core layout is built once, at load: not timed
+                for w in qws:
+                    w.packed_for("tc", _tc_pack)
+            bench.run("ours" if cuda else "ours/cpu", lambda: int4_matmul(x, qws[next(turn)]), **common)
+            if cuda and "cuda" in ours and M <= 4:   # the CUDA GEMV itself (the op gives it M = 1)
+                gemv = _backend.extension().int4_matmul_cuda
+                bench.run("ours/cuda-gemv", lambda: (lambda w: gemv(x, w.qweight, w.scale, w.min, w.group_size,
+                                                                    w.bits))(qws[next(turn)]), **common)
+            if cuda and "triton" in ours:            # the tensor-core kernel, forced
+                os.environ["MOPS_BACKEND"] = "int4_matmul:triton"
                 try:
-                    bench.run(f"ours/{b}", lambda: int4_matmul(x, qws[next(turn)]), **common)
+                    bench.run("ours/triton-tc", lambda: int4_matmul(x, qws[next(turn)]), **common)
                 finally:
                     del os.environ["MOPS_BACKEND"]
             if "cpu" in ours:   # the compiled kernel alone, as the Engine calls it: no Python dispatch

@@ -1,6 +1,7 @@
 // int4_matmul CUDA glue: argument checks, device guard, current stream, dtype dispatch.
 //   int4_matmul_cuda(x [M, K], qweight, scale, min, group_size, bits) -> y [M, N] in x's dtype
-// The kernel (int4_matmul_kernel.cuh) is the decode GEMV: M <= 16. Larger M goes to Triton.
+// The kernel (int4_matmul_kernel.cuh) is the decode GEMV: M <= int4cuda::kMaxM (4) rows of x;
+// ops/int4_matmul.py sends larger M (and, on a GPU, M >= 2) to the Triton tensor-core kernel.
 #if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
 // CPU-only torch wheels (the compile check) lack this generated header; on Linux it only sets
 // C10_CUDA_BUILD_SHARED_LIBS, which matters on Windows. CUDA builds of torch have it.
@@ -16,12 +17,21 @@
 namespace mops {
 namespace {
 
+template <typename T, int BITS, int M>
+void launch_m(const T* xp, const uint8_t* q, const __half* s, const __half* mn, T* yp, int N, int K, int G,
+              int64_t ldx, cudaStream_t stream) {
+  using namespace int4cuda;
+  constexpr int rows_per_block = kWarpsPerBlock * kRowsPerWarp;
+  const dim3 block(32, kWarpsPerBlock);
+  const dim3 grid((N + rows_per_block - 1) / rows_per_block);
+  int gshift = 0;                            // log2(G / columns per 16-byte vector)
+  while ((Cols<BITS>::value << gshift) < G) ++gshift;
+  int4_gemv_kernel<T, BITS, M><<<grid, block, 0, stream>>>(xp, q, s, mn, yp, N, K, gshift, ldx);
+}
+
 template <typename T, int BITS>
 void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& mins,
             at::Tensor& y, int M, int N, int K, int G) {
-  using namespace int4cuda;
-  const dim3 block(32, kWarpsPerBlock);
-  const dim3 grid((N + kWarpsPerBlock - 1) / kWarpsPerBlock);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const uint8_t* q = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
@@ -29,12 +39,13 @@ void launch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& sc
   const __half* mn = reinterpret_cast<const __half*>(mins.data_ptr<at::Half>());
   T* yp = reinterpret_cast<T*>(y.data_ptr());
   const int64_t ldx = x.stride(0);
-  if (M == 1)
-    int4_gemv_kernel<T, BITS, 1><<<grid, block, 0, stream>>>(xp, q, s, mn, yp, M, N, K, G, ldx);
-  else if (M <= 4)
-    int4_gemv_kernel<T, BITS, 4><<<grid, block, 0, stream>>>(xp, q, s, mn, yp, M, N, K, G, ldx);
-  else
-    int4_gemv_kernel<T, BITS, 16><<<grid, block, 0, stream>>>(xp, q, s, mn, yp, M, N, K, G, ldx);
+  // M is a template argument: every loop over rows of x unrolls, acc stays in registers
+  switch (M) {
+    case 1: launch_m<T, BITS, 1>(xp, q, s, mn, yp, N, K, G, ldx, stream); break;
+    case 2: launch_m<T, BITS, 2>(xp, q, s, mn, yp, N, K, G, ldx, stream); break;
+    case 3: launch_m<T, BITS, 3>(xp, q, s, mn, yp, N, K, G, ldx, stream); break;
+    default: launch_m<T, BITS, 4>(xp, q, s, mn, yp, N, K, G, ldx, stream); break;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -77,7 +88,8 @@ at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
                 "int4_matmul: min must be a contiguous float16 tensor shaped like scale [N, K/G]");
   }
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4_matmul: x must have shape (M, K=", K, "), got ", x.sizes());
-  TORCH_CHECK(x.size(0) <= 16, "int4_matmul_cuda: the decode GEMV takes M <= 16 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) <= int4cuda::kMaxM, "int4_matmul_cuda: the decode GEMV takes M <= ", int4cuda::kMaxM,
+              " rows of x, got ", x.size(0));
   TORCH_CHECK(x.stride(1) == 1, "int4_matmul_cuda: x rows must be contiguous (stride(1) == 1)");
   const int64_t esize = x.element_size();
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.stride(0) * esize) % 16 == 0 &&

@@ -4,6 +4,11 @@ Backends here: cpu (the C++ extension), triton (through the interpreter), torch;
 requires_cuda. Weight configs: 4-bit groups 32/64/128 and 8-bit (Q8_0), K = 576 (640 for G = 128,
 since 576 is not a multiple of 128), M = 1, 3 (decode GEMV) and 37 (prefill GEMM / tiled path).
 """
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from conftest import available_backends, requires_cuda
@@ -197,19 +202,25 @@ def test_int4_linear_matches_linear(force_backend):
 @requires_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("bits,G,K", WEIGHTS)
-@pytest.mark.parametrize("M", [1, 3, 16, 37])
+@pytest.mark.parametrize("M", [1, 2, 4, 16, 37])
 @pytest.mark.parametrize("dtype,_tol", DTYPES)
 def test_forward_cuda(force_backend, backend, bits, G, K, M, dtype, _tol):
     if backend == "cuda" and not _backend.extension_has_cuda():
         pytest.skip("the extension was built without CUDA kernels")
     force_backend(backend)
-    qw = _case(bits, G, K, 1536, device="cuda")
+    qw = _case(bits, G, K, 1537, device="cuda")      # odd N: a partial last warp / tile
     x = torch.randn(M, K, device="cuda").to(dtype)
-    if backend == "cuda" and M > 16:   # the CUDA GEMV is the decode kernel: prefill is refused
+    bias = torch.randn(1537, device="cuda").to(dtype)
+    if backend == "cuda" and M > 1:   # the op gives the CUDA GEMV M = 1; the kernel takes M <= 4
         with pytest.raises(_backend.BackendUnavailable):
             int4_matmul(x, qw)
+        gemv = _backend.extension().int4_matmul_cuda
+        if M > 4:
+            with pytest.raises(RuntimeError, match="M <= 4"):
+                gemv(x, qw.qweight, qw.scale, qw.min, G, bits)
+            return
+        _check_close(gemv(x, qw.qweight, qw.scale, qw.min, G, bits), x, qw, dtype)
         return
-    bias = torch.randn(1536, device="cuda").to(dtype)
     _check_close(int4_matmul(x, qw, bias), x, qw, dtype, bias)
 
 
@@ -313,3 +324,101 @@ def test_cpu_helpers_after_fork(force_backend, monkeypatch):
             pytest.fail("the forked child hung in int4_matmul")
         time.sleep(0.05)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+# ---- the CUDA GEMV's arithmetic, on the host ----------------------------------------------------
+# csrc/int4_matmul_kernel.cuh keeps its bit tricks and per-group sums in MOPS_HD helpers that g++
+# builds too: tests/int4_gemv_host.cpp runs them (and the kernel's lane/row loop) on the CPU.
+_HOST_SRC = Path(__file__).with_name("int4_gemv_host.cpp")
+requires_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (the host build)")
+
+
+@pytest.fixture(scope="module")
+def gemv_host(tmp_path_factory):
+    exe = tmp_path_factory.mktemp("gemv_host") / "int4_gemv_host"
+    root = _HOST_SRC.parent.parent
+    run = subprocess.run(["g++", "-O2", "-std=c++17", f"-I{root / 'csrc'}", str(_HOST_SRC), "-o", str(exe)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return exe
+
+
+@requires_gxx
+def test_gemv_dequant_every_code(gemv_host):
+    """decode_q4_word / decode_q8_word on every byte value at every byte position of a word:
+    4-bit gives 1 + q/16 (q = the nibble of each column, zeros elsewhere), 8-bit gives int8 q."""
+    out = subprocess.run([str(gemv_host), "codes"], capture_output=True, text=True, check=True).stdout
+    rows = torch.tensor([[float(v) for v in ln.split()] for ln in out.splitlines()], dtype=torch.float64)
+    assert rows.shape == (4 * 256, 2 + 8 + 4)
+    pos, byte = rows[:, 0].long(), rows[:, 1].long()
+    want4 = torch.ones(len(rows), 8, dtype=torch.float64)
+    want4[torch.arange(len(rows)), 2 * pos] += (byte & 15) / 16        # low nibble: column 2 pos
+    want4[torch.arange(len(rows)), 2 * pos + 1] += (byte >> 4) / 16    # high nibble: 2 pos + 1
+    want8 = torch.zeros(len(rows), 4, dtype=torch.float64)
+    want8[torch.arange(len(rows)), pos] = torch.where(byte > 127, byte - 256, byte).double()
+    assert torch.equal(rows[:, 2:10], want4)      # exact: every code, both nibbles, every byte
+    assert torch.equal(rows[:, 10:], want8)
+
+
+@requires_gxx
+@pytest.mark.parametrize("bits,G,groups", [(4, 32, 37), (4, 64, 9), (4, 128, 5), (8, 32, 37)])
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_gemv_host_matches_reference(gemv_host, tmp_path, bits, G, groups, M):
+    """The kernel's whole loop (lanes, 4 rows per warp, Sx trick, butterfly) in fp32 against the
+    fp64 product: fp32 level (SPEC §6: <= 1e-4), odd N (a partial last warp) and odd K / G;
+    scales, mins and x random with a common offset (Sx and the min term do not cancel out)."""
+    torch.manual_seed(M * 100 + G + bits)
+    N, K = 37, G * groups
+    w = torch.randn(N, K) * 0.05 + 0.02 * torch.randn(N, 1)
+    qw = quantize(w, bits=bits, group_size=G)
+    x = torch.randn(M, K) + 0.3
+    x.numpy().tofile(tmp_path / "x.f32")
+    qw.qweight.numpy().tofile(tmp_path / "q.u8")
+    qw.scale.float().numpy().tofile(tmp_path / "s.f32")
+    (qw.min if qw.min is not None else qw.scale).float().numpy().tofile(tmp_path / "mn.f32")
+    subprocess.run([str(gemv_host), "gemv", str(tmp_path), str(M), str(N), str(K), str(G), str(bits)],
+                   check=True, timeout=120)
+    y = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).view(M, N)
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    assert rel_err(y, ref) <= 1e-5, rel_err(y, ref)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max() * K ** 0.5
+
+
+# ---- the tensor-core kernel (M >= 2 on a GPU), through the interpreter --------------------------
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton (interpreter)")
+@pytest.mark.parametrize("bits,G,groups", [(4, 32, 3), (4, 32, 37), (4, 64, 9), (4, 128, 5), (8, 32, 3),
+                                           (8, 32, 37)])
+@pytest.mark.parametrize("M", [2, 3, 17, 33, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tc_kernel(force_backend, monkeypatch, bits, G, groups, M, dtype):
+    """`_int4_matmul_tc_kernel` against the fp64 product: odd N (a partial second tile) and K an
+    odd multiple of the group (padded steps; K <= one step stores directly into a NaN-poisoned y,
+    longer K takes the split-K atomic path); 4/8-bit, G 32/64/128, M across the 16/32/64 tiles."""
+    import mops_kernels.ops.int4_matmul as IM
+    force_backend("triton")
+    made = []
+    def poisoned(M_, N_, atomic, x2):
+        y = IM.__dict__["_tc_output_orig"](M_, N_, atomic, x2)
+        made.append(atomic)
+        return y if atomic else y.fill_(float("nan"))
+    monkeypatch.setitem(IM.__dict__, "_tc_output_orig", IM._tc_output)
+    monkeypatch.setattr(IM, "_tc_output", poisoned)
+    torch.manual_seed(bits * 1000 + G * 10 + M)
+    K, N = G * groups, 150
+    qw = _case(bits, G, K, N)
+    x = torch.randn(M, K).to(dtype)
+    with torch.no_grad():
+        out = int4_matmul(x, qw)
+    assert made == [K > (128 if bits == 4 else 64)], made     # the path the case meant to take
+    _check_close(out, x, qw, dtype)
+
+
+def test_tc_pack_is_cached_and_follows_in_place_changes():
+    """qw.packed_for builds the tensor-core layout once, and again after an in-place change."""
+    import mops_kernels.ops.int4_matmul as IM
+    qw = _case(4, 32, 96, 5)
+    first = qw.packed_for("tc", IM._tc_pack)
+    assert qw.packed_for("tc", IM._tc_pack) is first
+    qw.scale.mul_(2)
+    again = qw.packed_for("tc", IM._tc_pack)
+    assert again is not first and torch.equal(again[1][: 96 // 32], qw.scale.t())

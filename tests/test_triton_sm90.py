@@ -10,7 +10,9 @@ and num_warps/num_stages. The ops run twice:
   interpreter   the configurations the CPU tests run (kernels executed);
   gpu           the same calls with the device-dependent launch choices made for a CUDA tensor
                 (kernels not executed, only recorded): int4_matmul `_gemm_blocks` 64x64x32 (CPU
-                32x32x32) and `_dot_dtype` bf16/fp16 dots (CPU fp32); prefix attention
+                32x32x32, the backward) and `_dot_dtype` bf16/fp16 dots (CPU fp32; the
+                tensor-core kernel's `_tc_blocks` differs only in the split count, whose ATOMIC
+                both values are launched); prefix attention
                 `_upcast` False (CPU True for bf16); gate_topk writes d hidden in hidden's dtype
                 (CPU: fp32 for bf16, rounded by torch). `_gemv_blocks` differs on a GPU only in
                 the split count, a runtime argument.
@@ -89,16 +91,22 @@ def launch_spec(kernel, args, kwargs) -> dict:
 def _run_ops(case_dtype: dict):
     """Every public op once, forward and backward, on small odd CPU inputs."""
     bf16, fp32, fp16 = torch.bfloat16, torch.float32, torch.float16
-    # int4_matmul: decode GEMV (M = 3) and prefill GEMM (M = 17) + backward, Q4_1 G=32/128, Q8_0
-    # in bf16; fp32 (ieee dots) on Q4_1 G=32 only, to keep the compile under CI's time budget
+    # int4_matmul: decode GEMV (M = 1), tensor-core kernel (M = 3: 16-row tiles on 2 warps; M = 17:
+    # 32-row tiles on 4 warps, split-K atomics; K = 576 4-bit pads its last step) + backward,
+    # Q4_1 G=32/128, Q8_0 in bf16; fp32 (ieee dots) on Q4_1 G=32 only, to keep the compile under
+    # CI's time budget; one step of K (K = 128) stores without atomics
     for bits, G, K in ((4, 32, 576), (4, 128, 640), (8, 32, 576)):
         qw = int4_weight(bits, G, K, 37)
         for dtype in ((bf16, fp32) if (bits, G) == (4, 32) else (bf16,)):
             case_dtype["v"] = dtype
             with torch.no_grad():
+                IM.int4_matmul(torch.randn(1, K, dtype=dtype), qw)
                 IM.int4_matmul(torch.randn(3, K, dtype=dtype), qw)
             x = torch.randn(17, K, dtype=dtype, requires_grad=True)
             IM.int4_matmul(x, qw).float().sum().backward()
+    case_dtype["v"] = bf16
+    with torch.no_grad():
+        IM.int4_matmul(torch.randn(3, 128, dtype=bf16), int4_weight(4, 128, 128, 37))
     # prefix attention (B, Hkv, G, T, S, D, E, P, kk): prefill + backward, split decode
     for case, dtype, grad in (((2, 1, 3, 37, 37, 128, 3, 7, 2), bf16, True),     # R=111: 64x64, 8 warps
                               ((2, 2, 3, 1, 111, 128, 4, 16, 4), bf16, False),   # decode + reduce
@@ -184,8 +192,12 @@ def test_gpu_pass_uses_the_gpu_launch_choices(captured):
         specs = {}
         for name, spec in captured[mode]:
             specs.setdefault(name, []).append(spec)
-        fwd = specs["_int4_matmul_fwd_kernel"][0]      # the first GEMM: bf16 x
-        assert _const(fwd, "BLOCK_M") == bm and _const(fwd, "DOT_DTYPE") == {"dtype": dot}
+        tc = specs["_int4_matmul_tc_kernel"][0]         # the first M = 3: bf16 x
+        assert _const(tc, "BLOCK_M") == 16 and _const(tc, "DOT_DTYPE") == {"dtype": dot}
+        assert tc["options"]["num_warps"] == 2
+        assert {_const(t, "ATOMIC") for t in specs["_int4_matmul_tc_kernel"]} == {True, False}
+        bwd4 = specs["_int4_matmul_bwd_kernel"][0]
+        assert _const(bwd4, "BLOCK_M") == bm
         attn = specs["_prefix_attention_fwd_kernel"][0]  # bf16, D=128, R=111
         assert _const(attn, "UPCAST") is upcast and _const(attn, "BLOCK_M") == 64
         assert attn["options"]["num_warps"] == 8

@@ -51,6 +51,9 @@ for spec in json.loads(sys.stdin.read()):
         src = ASTSource(fn=kern, signature=spec["signature"], constexprs=consts, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=spec["options"])
         n = len(k.asm.get("cubin") or b"")
+        if n and spec.get("cubin_path"):   # kept for the SASS budgets (tests/test_sass_budget.py)
+            with open(spec["cubin_path"], "wb") as f:
+                f.write(k.asm["cubin"])
         out.append({"ok": n > 0, "cubin_bytes": n, "error": "" if n else "no cubin"})
     except Exception:
         out.append({"ok": False, "cubin_bytes": 0, "error": traceback.format_exc()[-3000:]})
@@ -92,3 +95,88 @@ def compile_for_sm90(kernel, arg_type, consts, num_warps=4):
     sig = {n: ("constexpr" if n in consts else arg_type(n)) for n in names}
     res = compile_specs_for_sm90([sm90_spec(kernel, sig, consts, options={"num_warps": num_warps})])
     assert res[0]["ok"], res[0]["error"]
+
+
+# ---- SASS: the speed proxy without a GPU -----------------------------------------------------
+# A memory-bound kernel reaches the HBM roofline only if an SM can issue its instructions as fast
+# as the bytes arrive: count the SASS instructions of the kernel's main loop per 16 B it reads.
+# nvdisasm comes with pip (nvidia-cuda-nvdisasm, pinned in requirements.txt) and with Triton's
+# NVIDIA backend; nvcc from the CUDA toolkit (or $NVCC).
+def nvdisasm_path():
+    """The nvdisasm binary ($NVDISASM, the pip package, Triton's copy, then PATH), or None."""
+    import glob, os, shutil, sys
+    cands = [os.environ.get("NVDISASM", "")]
+    for base in sys.path:
+        cands += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "bin", "nvdisasm")))
+        cands.append(os.path.join(base, "nvidia", "cuda_nvdisasm", "bin", "nvdisasm"))
+        cands.append(os.path.join(base, "triton", "backends", "nvidia", "bin", "nvdisasm"))
+    cands.append(shutil.which("nvdisasm") or "")
+    return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def nvcc_path():
+    """nvcc ($NVCC, PATH, /usr/local/cuda/bin), or None."""
+    import os, shutil
+    for c in (os.environ.get("NVCC", ""), shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"):
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def sass_of(cubin_path) -> str:
+    """The SASS text of every kernel in a cubin (nvdisasm -c)."""
+    import subprocess
+    tool = nvdisasm_path()
+    assert tool, "nvdisasm not found (pip install nvidia-cuda-nvdisasm)"
+    run = subprocess.run([tool, "-c", str(cubin_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
+def sass_functions(sass: str) -> dict:
+    """{kernel (mangled) name: [its SASS lines]} of an nvdisasm listing."""
+    import re
+    out, cur = {}, None
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.text\.(\S+):\s*$", line)
+        if m:
+            cur = out.setdefault(m.group(1), [])
+        elif cur is not None:
+            cur.append(line)
+    return out
+
+
+def sass_loops(lines) -> list:
+    """Every loop of one kernel's SASS: (first address, back-edge address, instruction count) for
+    each branch to a label at or before it (NOPs not counted)."""
+    import re
+    labels, instrs = {}, []          # label -> index of the next instruction; [(addr, text)]
+    for line in lines:
+        lab = re.match(r"\s*(\.L\w+):", line)
+        if lab:
+            labels[lab.group(1)] = len(instrs)
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?);?\s*$", line)
+        if ins and ins.group(2):
+            instrs.append((int(ins.group(1), 16), ins.group(2)))
+    loops = []
+    for i, (addr, text) in enumerate(instrs):
+        br = re.search(r"\bBRA\b.*`\((\.L\w+)\)", text)
+        if br and br.group(1) in labels and labels[br.group(1)] <= i:
+            start = labels[br.group(1)]
+            n = sum(1 for _, t in instrs[start:i + 1] if not re.match(r"(@!?U?P\w+\s+)?NOP\b", t))
+            loops.append((instrs[start][0], addr, n))
+    return loops
+
+
+def count_loop_instructions(sass: str, function: str) -> int:
+    """SASS instructions of one iteration of the main loop of the kernel whose mangled name
+    contains `function` (exactly one must): the largest innermost loop (one that contains no
+    other back-edge), so a remainder loop or an epilogue loop is not taken for it."""
+    funcs = {k: v for k, v in sass_functions(sass).items() if function in k}
+    assert len(funcs) == 1, f"{function!r} matches {sorted(funcs)} (of {sorted(sass_functions(sass))})"
+    loops = sass_loops(next(iter(funcs.values())))
+    assert loops, f"no loop (backward branch) in {function}"
+    inner = [lp for lp in loops
+             if not any(o is not lp and lp[0] <= o[0] and o[1] <= lp[1] and o != lp for o in loops)]
+    return max(n for _, _, n in inner)

@@ -7,19 +7,35 @@
     (layouts: quant_format.py; 4-bit byte i of a row = column 2i low nibble, 2i + 1 high nibble)
 
 The kernels never build the dense W: they load packed bytes, decode them in registers, and
-accumulate in fp32. Every Triton kernel reads a weight tile as two halves, the even columns
-(low nibbles) and the odd columns (high nibbles), and meets them with x's even and odd columns, so
-4-bit and 8-bit share one code path (`_load_w_pair`).
+accumulate in fp32.
 
-Backends (registered with `_backend.register` below the launch functions):
-    cuda    csrc/int4_matmul_cuda.cu: decode GEMV (M <= 16 rows of x), 16-byte weight loads
-    triton  M <= 16: split-K GEMV (`_int4_matmul_gemv_kernel`, partial sums reduced in fp32);
-            M > 16: tiled GEMM on tl.dot (`_int4_matmul_fwd_kernel`)
+Backends (registered with `_backend.register` below the launch functions), and which one serves
+which M (rows of x) on a GPU, from the SASS of each kernel's main loop compiled for sm_90
+(tests/test_sass_budget.py; instructions per 16 B of weights per lane, H100 ceiling at full HBM
+bandwidth = 145, see csrc/int4_matmul_kernel.cuh):
+    cuda    M = 1: csrc/int4_matmul_cuda.cu, the decode GEMV: bit-trick dequant to fp32, Sx once per
+            column block for 4 rows per warp, 4 x 16-byte loads in flight. 129 instr/16 B (4-bit),
+            70.5 (8-bit): the fastest M = 1 kernel we have. It also takes M <= 4 (called directly),
+            but its fp32 FMAs grow with M (287 at M = 4, issue-bound at ~50% of HBM), while the
+            tensor-core kernel pays the same for any M <= 16: so the registry gives the cuda
+            backend M = 1 only, and M >= 2 goes to triton.
+    triton  every M: `_int4_matmul_tc_kernel` on tensor cores. The weights are repacked once
+            (`qw.packed_for("tc", _tc_pack)`: steps of 128 columns contiguous per tile, scale/min
+            transposed so that a group's are one BN vector, loaded once), decoded in registers to
+            fp32 by the 1 + q/16 exponent trick, one FFMA per code for q s + mn (rounded once to
+            the dot dtype, as plain PyTorch rounds W), fp32 accumulation, split-K so that every SM
+            has work, fp32 atomic reduction. 173 instr/16 B (4-bit, any M <= 16; 211 at M = 64):
+            issue-bound at ~145/173 = 84% of HBM. The decode (shift, LOP3, FFMA, half a convert
+            per code) is ~112 of it; most of the rest is the register -> shared -> mma operand
+            shuffle that Triton inserts. It replaced a Triton GEMV (877 instr/16 B at M = 1, 6520
+            at M = 16) and a 64 x 64 GEMM (590; scale/min gathered per element, no split-K).
+            M = 1 runs here only on a GPU without the CUDA extension.
     cpu     csrc/int4_matmul_cpu.cpp: AVX2 GEMV for M <= 16, dequantized tiles + BLAS above
     torch   dequantize then matmul (the fallback)
 
-Backward: the weight is frozen, so only dx = dy @ W [M, K]: a Triton kernel (`_int4_matmul_bwd_kernel`)
-on triton/cuda, dequantized tiles + BLAS on cpu, dequantize + matmul on torch.
+Backward: the weight is frozen, so only dx = dy @ W [M, K]: a Triton kernel (`_int4_matmul_bwd_kernel`,
+reading W's even/odd columns through `_load_w_pair`) on triton/cuda, dequantized tiles + BLAS on cpu,
+dequantize + matmul on torch.
 """
 from __future__ import annotations
 
@@ -37,7 +53,7 @@ except Exception:  # triton missing: the triton backend reports itself unavailab
     triton = None
 
 _COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_GEMV_MAX_M = 16        # decode: up to 16 tokens per call take the GEMV kernels
+_CUDA_GEMV_M = 1        # rows of x the op gives the CUDA GEMV (it takes up to kMaxM = 4)
 
 if triton is not None:
 
@@ -61,55 +77,107 @@ if triton is not None:
         return w_even, w_odd
 
     @triton.jit
-    def _int4_matmul_gemv_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, part_ptr, M, N, K,
-                                 stride_xm, stride_xk, stride_qn, stride_sn, kh_per_split,
-                                 G: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
-        """part[pid_k, m, n] = sum over this split's columns of x[m, c] W[n, c]; all M rows at once."""
-        pid_n = tl.program_id(0).to(tl.int64)
-        pid_k = tl.program_id(1).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        kh_start = pid_k * kh_per_split
-        for kh0 in range(kh_start, tl.minimum(kh_start + kh_per_split, K // 2), BLOCK_KH):
-            offs_kh = kh0 + tl.arange(0, BLOCK_KH)
-            w_even, w_odd = _load_w_pair(qw_ptr, s_ptr, mn_ptr, offs_n, offs_kh, N, K, stride_qn,
-                                         stride_sn, G, BITS)
-            xmask = (offs_m[:, None] < M) & (offs_kh[None, :] < K // 2)
-            xp = x_ptr + offs_m[:, None] * stride_xm + (2 * offs_kh[None, :]) * stride_xk
-            x_even = tl.load(xp, mask=xmask, other=0.0).to(tl.float32)
-            x_odd = tl.load(xp + stride_xk, mask=xmask, other=0.0).to(tl.float32)
-            # [BM, 1, BKH] * [1, BN, BKH] summed over the columns: a GEMV for every row of x
-            acc += tl.sum(x_even[:, None, :] * w_even[None, :, :], axis=2)
-            acc += tl.sum(x_odd[:, None, :] * w_odd[None, :, :], axis=2)
-        out = part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    def _tc_field(words, p: tl.constexpr, a, b, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        """W of field p of every word [BN, 16]: the code moved under the exponent of 1.0 gives the
+        exact float f = 1 + q/16 (4-bit: nibble p to bits 19..22) or 1 + u/256 (8-bit: byte p to
+        bits 15..22); W = f a + b with the group's a, b, in fp32, rounded once to the dot dtype."""
+        if BITS == 4:
+            shift: tl.constexpr = 19 - 4 * p
+            mask: tl.constexpr = 0x00780000
+        else:
+            shift: tl.constexpr = 15 - 8 * p
+            mask: tl.constexpr = 0x007F8000
+        if shift >= 0:
+            bits = ((words << shift) & mask) | 0x3F800000
+        else:   # an arithmetic shift: the sign bits land above the mask
+            bits = ((words >> -shift) & mask) | 0x3F800000
+        return (bits.to(tl.float32, bitcast=True) * a + b).to(DOT_DTYPE)
 
     @triton.jit
-    def _int4_matmul_fwd_kernel(x_ptr, qw_ptr, s_ptr, mn_ptr, y_ptr, M, N, K,
-                                stride_xm, stride_xk, stride_qn, stride_sn, stride_ym,
-                                G: tl.constexpr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr):
-        """y[BM, BN] tile = x[BM, :] @ W[BN, :]^T on tl.dot (prefill, M large)."""
-        pid_m = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1).to(tl.int64)
+    def _int4_matmul_tc_kernel(x_ptr, qt_ptr, st_ptr, mt_ptr, y_ptr, M, N, K, stride_xm, steps_per_split,
+                               G: tl.constexpr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
+                               ATOMIC: tl.constexpr):
+        """y[BM, BN] (+)= x[BM, k] @ W[BN, k]^T over this program's K steps, on tensor cores.
+
+        Reads the "tc" layout (`_tc_pack`): K in steps of STEP columns (128 for 4-bit, 64 for 8-bit);
+        a step of one row is 16 int32 words, contiguous for a tile of BN rows; field p of word i
+        (nibble p for 4-bit, byte p for 8-bit) is column FIELDS i + p of the step (the GGUF byte
+        order read as little-endian words). Each field decodes to a [BN, 16] tile in registers;
+        the 8 (4) tiles interleave back into W [BN, STEP] with tl.join + reshape (register-local:
+        a thread holds its words' fields). W is the LEFT operand (acc is y^T [BN, BM]), x^T
+        [STEP, BM] the right one: M >= 2 pads to 16, the mma's n, not to 64.
+        Scale/min come from [K/G, N] arrays: one BN vector per group (G >= STEP), or one value per
+        word (G < STEP: G / FIELDS words share it), loaded once per step.
+        grid = (N tiles, K splits, M tiles); ATOMIC: split-K partial sums added into fp32 y."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        FIELDS: tl.constexpr = 8 if BITS == 4 else 4
+        STEP: tl.constexpr = 16 * FIELDS
+        GPS: tl.constexpr = STEP // G if STEP > G else 1          # groups per step
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kh0 in range(0, K // 2, BLOCK_KH):
-            offs_kh = kh0 + tl.arange(0, BLOCK_KH)
-            w_even, w_odd = _load_w_pair(qw_ptr, s_ptr, mn_ptr, offs_n, offs_kh, N, K, stride_qn,
-                                         stride_sn, G, BITS)
-            xmask = (offs_m[:, None] < M) & (offs_kh[None, :] < K // 2)
-            xp = x_ptr + offs_m[:, None] * stride_xm + (2 * offs_kh[None, :]) * stride_xk
-            x_even = tl.load(xp, mask=xmask, other=0.0).to(DOT_DTYPE)
-            x_odd = tl.load(xp + stride_xk, mask=xmask, other=0.0).to(DOT_DTYPE)
-            # operands in DOT_DTYPE (fp32 dots are ieee, no tf32), accumulated in fp32
-            acc = tl.dot(x_even, tl.trans(w_even.to(DOT_DTYPE)), acc, input_precision="ieee")
-            acc = tl.dot(x_odd, tl.trans(w_odd.to(DOT_DTYPE)), acc, input_precision="ieee")
-        out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        offs_i = tl.arange(0, 16)
+        offs_c = tl.arange(0, STEP)
+        n_mask = offs_n < N
+        m_mask = offs_m < M
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        t0 = pid_k.to(tl.int64) * steps_per_split
+        n_steps = tl.minimum(steps_per_split, tl.cdiv(K, STEP) - t0)
+        w_ptrs = qt_ptr + (t0 * N + offs_n.to(tl.int64)[:, None]) * 16 + offs_i[None, :]   # [BN, 16]
+        if G >= STEP:
+            s_ptrs = st_ptr + (t0 * STEP // G) * N + offs_n                               # [BN]
+            m_ptrs = mt_ptr + (t0 * STEP // G) * N + offs_n
+        else:        # word i of the step is in group i // (G / FIELDS) of the step
+            s_ptrs = st_ptr + t0 * GPS * N + offs_n[:, None] + (offs_i // (G // FIELDS))[None, :] * N
+            m_ptrs = mt_ptr + t0 * GPS * N + offs_n[:, None] + (offs_i // (G // FIELDS))[None, :] * N
+        col = t0 * STEP
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (col + offs_c)[:, None]  # [STEP, BM]
+        for _ in range(0, n_steps):
+            words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+            smask = n_mask if G >= STEP else n_mask[:, None]
+            s = tl.load(s_ptrs, mask=smask, other=0.0).to(tl.float32)
+            if BITS == 4:       # f = 1 + q/16:  W = q s + mn = 16 s f + (mn - 16 s)
+                mn = tl.load(m_ptrs, mask=smask, other=0.0).to(tl.float32)
+                a = 16.0 * s
+                b = mn - a
+            else:               # f = 1 + u/256, u = q + 128:  W = q s = 256 s f - 384 s
+                a = 256.0 * s
+                b = -384.0 * s
+            if G >= STEP:
+                a = a[:, None]
+                b = b[:, None]
+            w0 = _tc_field(words, 0, a, b, BITS, DOT_DTYPE)
+            w1 = _tc_field(words, 1, a, b, BITS, DOT_DTYPE)
+            w2 = _tc_field(words, 2, a, b, BITS, DOT_DTYPE)
+            w3 = _tc_field(words, 3, a, b, BITS, DOT_DTYPE)
+            if BITS == 4:       # [BN, 16, e3, e2, e1] with p = 4 e3 + 2 e2 + e1: column 8 i + p
+                w4 = _tc_field(words, 4, a, b, BITS, DOT_DTYPE)
+                w5 = _tc_field(words, 5, a, b, BITS, DOT_DTYPE)
+                w6 = _tc_field(words, 6, a, b, BITS, DOT_DTYPE)
+                w7 = _tc_field(words, 7, a, b, BITS, DOT_DTYPE)
+                w = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)),
+                            tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+            else:               # [BN, 16, e2, e1] with p = 2 e2 + e1: column 4 i + p
+                w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+            w = tl.reshape(w, (BLOCK_N, STEP))
+            if EVEN_K:
+                xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
+            else:
+                xt = tl.load(x_ptrs, mask=m_mask[None, :] & ((col + offs_c)[:, None] < K), other=0.0)
+            acc = tl.dot(w, xt.to(DOT_DTYPE), acc, input_precision="ieee")
+            w_ptrs += N * 16
+            s_ptrs += GPS * N
+            m_ptrs += GPS * N
+            x_ptrs += STEP
+            col += STEP
+        out = y_ptr + offs_m[None, :] * N + offs_n[:, None]
+        mask = m_mask[None, :] & n_mask[:, None]
+        if ATOMIC:
+            tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _int4_matmul_bwd_kernel(dy_ptr, qw_ptr, s_ptr, mn_ptr, dx_ptr, M, N, K,
@@ -143,20 +211,28 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _gemv_blocks(M: int, N: int, K: int, device: torch.device):
-    """(BLOCK_M, BLOCK_N, BLOCK_KH, SPLIT_K) of the decode GEMV."""
-    block_m = _next_pow2(M)
-    block_kh = 64 if block_m <= 2 else 32
-    # the [BM, BN, BKH] broadcast product lives in registers: keep it near 4-8K elements
-    block_n = min(128, max(16, 4096 // (block_m * block_kh)))
-    n_blocks = triton.cdiv(N, block_n)
-    kh_blocks = triton.cdiv(K // 2, block_kh)
-    if device.type == "cuda":   # enough programs to fill every SM twice
+def _tc_blocks(M: int, N: int, K: int, bits: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, SPLIT_K, steps per split, num_warps, num_stages) of the tensor-core kernel.
+
+    BLOCK_M (the mma's n, since W is the left operand): the smallest of 16, 32, 64 >= M.
+    BLOCK_N = 128 rows; 2 warps at BLOCK_M = 16 (mma.sync, 64 B of weights per thread per step:
+    173 SASS instructions per 16 B against 230 for 64 x 4 warps on wgmma, whose decoded W takes a
+    shared-memory round trip per step), 4 warps above.
+    SPLIT_K: on a GPU, enough programs for 2 per SM (132 SMs: 264) when the N x M tiles alone are
+    fewer: 4096 x 4096 4-bit, M <= 64: 32 N tiles x 32 steps of 128 columns -> 8 splits of 4.
+    num_stages = 3: the loads of the next two steps are in flight (cp.async) during a step's math.
+    The interpreter takes 2 splits whenever it can (the atomic reduction is tested on the CPU)."""
+    block_m = min(64, max(16, _next_pow2(M)))
+    block_n = 128
+    steps = triton.cdiv(K, 128 if bits == 4 else 64)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        split = max(1, min(kh_blocks, triton.cdiv(2 * sms, n_blocks)))
-    else:                       # the interpreter: still exercise the split-K reduction
-        split = min(2, kh_blocks)
-    return block_m, block_n, block_kh, split
+        split = max(1, min(steps, triton.cdiv(2 * sms, tiles)))
+    else:
+        split = min(2, steps)
+    per = triton.cdiv(steps, split)
+    return block_m, block_n, triton.cdiv(steps, per), per, 2 if block_m == 16 else 4, 3
 
 
 def _gemm_blocks(device: torch.device):
@@ -179,27 +255,53 @@ def _weight_args(qw: QuantizedWeight):
 
 def _forward_triton(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     M, K = x2.shape
-    N = qw.out_features
-    q, s, mn, sq, ss = _weight_args(qw)
-    if M <= _GEMV_MAX_M:
-        bm, bn, bkh, split = _gemv_blocks(M, N, K, x2.device)
-        kh_blocks = triton.cdiv(K // 2, bkh)
-        kh_per_split = triton.cdiv(kh_blocks, split) * bkh
-        split = triton.cdiv(K // 2, kh_per_split)
-        part = torch.empty((split, M, N), device=x2.device, dtype=torch.float32)
-        grid = (triton.cdiv(N, bn), split)
-        _int4_matmul_gemv_kernel[grid](x2, q, s, mn, part, M, N, K, x2.stride(0), x2.stride(1), sq, ss,
-                                       kh_per_split, G=qw.group_size, BITS=qw.bits, BLOCK_M=bm,
-                                       BLOCK_N=bn, BLOCK_KH=bkh)
-        return (part[0] if split == 1 else part.sum(0)).to(x2.dtype)
-    bm, bn, bkh = _gemm_blocks(x2.device)
-    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _int4_matmul_fwd_kernel[grid](x2, q, s, mn, y, M, N, K, x2.stride(0), x2.stride(1), sq, ss,
-                                  y.stride(0), G=qw.group_size, BITS=qw.bits,
-                                  DOT_DTYPE=_dot_dtype(x2.dtype, x2.device), BLOCK_M=bm, BLOCK_N=bn,
-                                  BLOCK_KH=bkh)
-    return y
+    N, G = qw.out_features, qw.group_size
+    qt, st, mt = qw.packed_for("tc", _tc_pack)
+    bm, bn, split, per, warps, stages = _tc_blocks(M, N, K, qw.bits, x2.device)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    atomic = split > 1
+    y = _tc_output(M, N, atomic, x2)
+    grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
+    _int4_matmul_tc_kernel[grid](x2, qt, st, mt, y, M, N, K, x2.stride(0), per, G=G, BITS=qw.bits,
+                                 DOT_DTYPE=_dot_dtype(x2.dtype, x2.device), BLOCK_M=bm, BLOCK_N=bn,
+                                 EVEN_K=K % (128 if qw.bits == 4 else 64) == 0, ATOMIC=atomic,
+                                 num_warps=warps, num_stages=stages)
+    return y.to(x2.dtype) if atomic else y
+
+
+def _tc_output(M: int, N: int, atomic: bool, x2: torch.Tensor) -> torch.Tensor:
+    """y of the tensor-core kernel: fp32 zeros that the split-K programs add into, or x's dtype
+    (one split: every element stored once; tests poison this buffer)."""
+    if atomic:
+        return torch.zeros((M, N), device=x2.device, dtype=torch.float32)
+    return torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+
+
+def _tc_pack(qw: QuantizedWeight):
+    """The layout `_int4_matmul_tc_kernel` reads, built once per weight (cached by packed_for).
+
+    The codes keep their GGUF order (little-endian words: field p of word i = column
+    FIELDS i + p); rows are cut into steps (STEP = 128 columns for 4-bit, 64 for 8-bit), K padded
+    to whole steps with zero codes and zero scale/min (padded columns weigh exactly 0), and the
+    steps moved outermost so that a [BN, 16 words] tile is contiguous:
+        qt [K_pad/STEP, N, 16] int32   (8-bit: bytes u = q + 128, the kernel's exact decode)
+        st, mt [K_pad/G, N] fp16       scale and min, transposed (mt = st for 8-bit, unread)"""
+    N, K = qw.shape
+    G = qw.group_size
+    step = 128 if qw.bits == 4 else 64
+    k_pad = -(-K // step) * step
+    row_bytes = k_pad // 2 if qw.bits == 4 else k_pad
+    raw = qw.qweight.view(torch.uint8)
+    if qw.bits == 8:
+        raw = raw ^ 0x80                                   # int8 q -> u = q + 128
+    b = torch.zeros((N, row_bytes), dtype=torch.uint8, device=qw.device)
+    b[:, : raw.shape[1]] = raw
+    qt = b.view(torch.int32).view(N, k_pad // step, 16).transpose(0, 1).contiguous()
+    pad = (0, (k_pad - K) // G)
+    st = torch.nn.functional.pad(qw.scale, pad).t().contiguous()
+    mt = st if qw.min is None else torch.nn.functional.pad(qw.min, pad).t().contiguous()
+    return qt, st, mt
 
 
 def _backward_triton(dy: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
@@ -247,8 +349,9 @@ def _compiled_dtype(x2: torch.Tensor, qw: QuantizedWeight) -> bool:
 
 
 def _cuda_case(x2: torch.Tensor, qw: QuantizedWeight) -> bool:
-    # the CUDA GEMV reads 16-byte vectors of weight rows and of x: aligned pointers and rows
-    return (x2.dtype in _COMPILED_DTYPES and x2.shape[0] <= _GEMV_MAX_M
+    # M = 1 only (the module docstring: M >= 2 is faster on the tensor-core kernel); the CUDA
+    # GEMV reads 16-byte vectors of weight rows and of x: aligned pointers and rows
+    return (x2.dtype in _COMPILED_DTYPES and x2.shape[0] == _CUDA_GEMV_M
             and qw.qweight.data_ptr() % 16 == 0 and x2.data_ptr() % 16 == 0
             and (x2.stride(0) * x2.element_size()) % 16 == 0)
 

@@ -21,8 +21,8 @@ Storage (the layout every backend reads):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -38,10 +38,20 @@ class QuantizedWeight:
     shape: tuple                   # (N, K) of the dense weight
     group_size: int
     bits: int = 4
+    _packed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
         validate(self)
+
+    def packed_for(self, layout: str, build: Callable[["QuantizedWeight"], tuple]) -> tuple:
+        """`build(self)` (a kernel's own layout of these codes), computed once and cached under
+        `layout`; rebuilt if qweight, scale or min were modified in place since (tensor versions)."""
+        key = (self.qweight._version, self.scale._version, None if self.min is None else self.min._version)
+        hit = self._packed.get(layout)
+        if hit is None or hit[0] != key:
+            hit = self._packed[layout] = (key, build(self))
+        return hit[1]
 
     @property
     def out_features(self) -> int:
