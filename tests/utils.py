@@ -51,6 +51,8 @@ for spec in json.loads(sys.stdin.read()):
         src = ASTSource(fn=kern, signature=spec["signature"], constexprs=consts, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=spec["options"])
         n = len(k.asm.get("cubin") or b"")
+        if n and spec.get("cubin_path"):   # for the SASS budget tests
+            open(spec["cubin_path"], "wb").write(k.asm["cubin"])
         out.append({"ok": n > 0, "cubin_bytes": n, "error": "" if n else "no cubin"})
     except Exception:
         out.append({"ok": False, "cubin_bytes": 0, "error": traceback.format_exc()[-3000:]})
@@ -73,7 +75,8 @@ def sm90_spec(kernel, signature: dict, constexprs: dict, attrs: dict | None = No
 
 
 def compile_specs_for_sm90(specs: list) -> list:
-    """Compile every sm90_spec in one child process: [{"ok", "cubin_bytes", "error"}] per spec."""
+    """Compile every sm90_spec in one child process: [{"ok", "cubin_bytes", "error"}] per spec
+    (a spec with a "cubin_path" key also gets its cubin written there)."""
     import json, os, subprocess, sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}
