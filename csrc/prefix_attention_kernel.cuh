@@ -32,7 +32,9 @@
 // GT <= 4 stays under the H200 bound with >= 20% of the issue slots left for stalls, the prefix
 // split and the merges; GT = 8 is issue-bound (each key row costs 8 heads x (8 + 8) FMAs and
 // 8 shuffle trees per lane): tensor-core QK^T / PV (mma.sync, FlashInfer's GQA decode) is the
-// fix, not done. The kernel this replaced issued 69 (D = 128) / 102 (D = 64) per 16 B with
+// fix, not done here. The Triton split kernel does it (~24 per 16 B at any G <= 16), so
+// DECODE_ORDER_CUDA (ops/prefix_attention.py) puts Triton first until a GPU measures both.
+// The kernel this replaced issued 69 (D = 128) / 102 (D = 64) per 16 B with
 // scalar 2-byte loads and read every K/V row once per QUERY head: x G per 16 B of HBM.
 // Bytes: q + K/V of each (b, kv head) once + the selected prefix rows once + partials
 // (n_split * G * (D + 2) fp32 per (b, kv head), written and read) + out: ~1.6% of the K/V bytes at

@@ -489,10 +489,11 @@ def test_decode_order_table_decides_between_cuda_and_triton(monkeypatch):
         return {b for b, impl in _backend.registered("prefix_attention").items()
                 if impl.supports is None or impl.supports(q, True, False, kk)} & {"cuda", "triton"}
 
-    assert offered(q, 4) == {"cuda"}
+    assert offered(q, 4) == {PA.DECODE_ORDER_CUDA[0]}
     monkeypatch.setattr(PA, "DECODE_ORDER_CUDA", ("triton", "cuda"))
     assert offered(q, 4) == {"triton"}
     monkeypatch.setattr(PA, "DECODE_ORDER_CUDA", ("cuda", "triton"))
+    assert offered(q, 4) == {"cuda"}
     assert offered(q, 65) == {"triton"}                              # kk > 64: no cuda kernel
     prefill = SimpleNamespace(shape=(4, 8, 7, 128), device=torch.device("cuda"), dtype=torch.bfloat16)
     assert offered(prefill, 4) == {"triton"}

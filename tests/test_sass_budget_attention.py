@@ -17,6 +17,9 @@ back-edge branch (a static count of the loop body).
       against 4096 dense bf16 FLOP per clock: <= 1 per 1024 FLOP keeps the loop tensor-bound.
       128-row tiles must meet it; 64-row tiles (issue-bound by design, the fallback for few rows)
       must stay within 2x.
+  Triton decode (the same kernel, SPLIT): the interior sequence loop per lane-16 B of K/V, against
+      the CUDA decode's roofline: budget 32 (measured ~24 at GQA 1 and 4: tensor-core dots for the
+      whole group). This comparison orders DECODE_ORDER_CUDA until a GPU measures both.
 
 Skipped only when nvcc, cuobjdump or Triton's NVIDIA backend is absent (a capability).
 """
@@ -129,11 +132,8 @@ def test_cuda_decode_loop_within_budget(decode_sass, t, d, gt):
 
 
 # ---- Triton prefill ---------------------------------------------------------------------------
-def _prefill_launch_specs(tmp_path):
-    """The sm90_spec of the prefill forward for every fitting config (fp16, D = 128, 4 x 256 rows),
-    typed as the GPU launcher types it (the launch is recorded, not run)."""
-    from mops_kernels.ops import _prefix_attention_triton as TR
-    from test_prefix_attention import make
+def _recorded_fwd_spec(TR, args, cfg, cubin_path):
+    """The sm90_spec of one forward launch (recorded, not run), typed as the GPU launcher types it."""
     from test_triton_sm90 import launch_spec
     rec = []
 
@@ -141,19 +141,51 @@ def _prefill_launch_specs(tmp_path):
         def __getitem__(self, grid):
             return lambda *a, **kw: rec.append((a, kw))
 
-    q, k, v, pk, pv, idx, w, lens, am = make(1, 1, 4, 256, 256, 128, 4, 16, 4, dtype=torch.float16,
-                                             noncontig=False)
+    q, k, v, pk, pv, idx, w, lens, am = args
     i, ww, ll, mm = TR._prep(q, pk, idx, w, lens, am)
-    out = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(TR._KERNELS, "fwd", Recorder())
-        for cfg in TR.prefill_configs(4 * 256, 128, torch.float16):
-            rec.clear()
-            TR._forward(q, k, v, pk, pv, i, ww, ll, mm, True, 128 ** -0.5, cfg=cfg)
-            spec = launch_spec(TR._prefix_attention_fwd_kernel, *rec[0])
-            spec["cubin_path"] = str(tmp_path / f"fwd_{'_'.join(map(str, cfg))}.cubin")
-            out.append((cfg, spec))
-    return out
+        mp.setitem(TR._KERNELS, "reduce", Recorder())
+        TR._forward(q, k, v, pk, pv, i, ww, ll, mm, True, q.shape[-1] ** -0.5, cfg=cfg)
+    spec = launch_spec(TR._prefix_attention_fwd_kernel, *rec[0])
+    spec["cubin_path"] = cubin_path
+    return spec
+
+
+def _interior_loop(cubin_path):
+    """The shortest loop with tensor-core instructions: the unmasked sequence loop."""
+    (body,) = kernels(sass_of(cubin_path)).values()
+    interior = min((b for b in loops(body) if any("MMA" in opcode(x) for x in b)), key=len)
+    assert not any(opcode(x).startswith("LDG.E.U8") for x in interior), "per-element masks in the interior loop"
+    return interior
+
+
+@needs_cuobjdump
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs Triton's NVIDIA backend (ptxas)")
+@pytest.mark.parametrize("G", [1, 4])
+def test_triton_decode_interior_loop_within_budget(tmp_path, G):
+    from mops_kernels.ops import _prefix_attention_triton as TR
+    from test_prefix_attention import make
+    D = 128
+    args = make(2, 2, G, 1, 2048, D, 4, 16, 4, dtype=torch.float16, noncontig=False)
+    spec = _recorded_fwd_spec(TR, args, None, str(tmp_path / "dec.cubin"))
+    (res,) = compile_specs_for_sm90([spec])
+    assert res["ok"], res["error"]
+    interior = _interior_loop(spec["cubin_path"])
+    _, BN, nw = TR._block_sizes(G, D, torch.float16)
+    lane16 = 2 * BN * D * 2 / (nw * 32 * 16)       # K and V bytes per iteration per lane, in 16 B
+    per16 = len(interior) / lane16
+    print(f"\nTriton decode G={G}: {len(interior)} SASS / iteration, {per16:.1f} per 16 B of K/V (budget 32)")
+    assert per16 <= 32, per16
+
+
+def _prefill_launch_specs(tmp_path):
+    """The sm90_spec of the prefill forward for every fitting config (fp16, D = 128, 4 x 256 rows)."""
+    from mops_kernels.ops import _prefix_attention_triton as TR
+    from test_prefix_attention import make
+    args = make(1, 1, 4, 256, 256, 128, 4, 16, 4, dtype=torch.float16, noncontig=False)
+    return [(cfg, _recorded_fwd_spec(TR, args, cfg, str(tmp_path / f"fwd_{'_'.join(map(str, cfg))}.cubin")))
+            for cfg in TR.prefill_configs(4 * 256, 128, torch.float16)]
 
 
 @needs_cuobjdump
@@ -164,11 +196,8 @@ def test_triton_prefill_interior_loop_within_budget(tmp_path):
     results = compile_specs_for_sm90([spec for _, spec in jobs])
     for (cfg, spec), res in zip(jobs, results):
         assert res["ok"], res["error"]
-        (body,) = kernels(sass_of(spec["cubin_path"])).values()
-        mma = [b for b in loops(body) if any("MMA" in opcode(x) for x in b)]
-        interior = min(mma, key=len)
+        interior = _interior_loop(spec["cubin_path"])
         ops = collections.Counter(opcode(x) for x in interior)
-        assert not any(o.startswith("LDG.E.U8") for o in ops), "the interior loop loads per-element masks"
         flop = 4 * cfg.block_m * cfg.block_n * 128
         per_kflop = len(interior) * cfg.num_warps * 1024 / flop
         budget = 1.0 if cfg.block_m == 128 else 2.0

@@ -205,12 +205,13 @@ def _needs_grad(*ts):
 
 
 # Decode (T = 1, no grad) on a GPU: which fused kernel runs when both can serve the call.
-# AWAITS THE GPU RUN: this order is to be set by measurement, benchmarks/spec6.py (which times both
-# on SPEC §6's decode shape). Until then CUDA goes first on the SASS proxy alone: its main loop
-# issues 35-90 instructions per 16 B of K/V at up to 4 query heads per kv head, under the 111-145
-# an SM can issue at full HBM bandwidth (csrc/prefix_attention_kernel.cuh,
-# tests/test_sass_budget_attention.py), and it reads each K/V row once per GQA group.
-DECODE_ORDER_CUDA = ("cuda", "triton")
+# AWAITS THE GPU RUN: this order is to be set by measurement, benchmarks/spec6.py timing both on
+# SPEC §6's decode shape. Until then it follows the only measurement this repo has, the SASS of
+# the two main loops (sm_90, fp16, D = 128; tests/test_sass_budget_attention.py), per 16 B of K/V
+# against the 111-145 instructions an SM can issue at full HBM bandwidth: Triton's split kernel
+# (tensor-core q.k^T and p.v for the whole GQA group, cp.async tiles) issues ~24 at any G <= 16;
+# the CUDA kernel 36 at G = 1, 90 at G = 4, 164 at G = 8 (fp32 FMAs per query head).
+DECODE_ORDER_CUDA = ("triton", "cuda")
 _CUDA_DECODE_MAX_SLOTS = 64   # pamath::kMaxSlots: the packed-prefix table in shared memory
 
 
