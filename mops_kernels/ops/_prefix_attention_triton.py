@@ -24,6 +24,16 @@ Forward (online softmax, base-2 logits c2 = log2(e) * scale * q·k):
     (tests/test_prefix_attention.py checks the launch arguments).
     lse (base 2) is +inf on a row with no valid key, so the backward's p = exp2(c2 - lse) is 0 there.
 
+Roofline (sm_90 SASS of the interior loop, fp16, D = 128: tests/test_sass_budget_attention.py;
+H100: 4 warp-instructions per clock per SM, 4096 dense bf16 FLOP per clock per SM, 3.35 TB/s):
+    prefill  FLOPs 4 * BLOCK_M * BLOCK_N * D per iteration; tensor-bound below 1 warp-instruction
+             per 1024 FLOP. 128 x 64 tiles, 8 warps: 0.92 (254 registers: one CTA of 8 warps per
+             SM); 64 x 64: 1.73 (190 registers), issue-bound; the old all-masked loop: 2.68.
+    decode   bytes: K/V of each (b, kv head) once for its G query heads (one tensor-core tile of
+             16 rows), the packed prefix rows once, fp32 partials; ~24 instructions per lane-16 B
+             of K/V at G = 1 and 4 against the ~145 an SM can issue at full HBM bandwidth
+             (164 registers, 4 warps: 3 CTAs per SM).
+
 Backward (FlashAttention-2 style, delta = rowsum(dO * O)), with ds = p * (dO·v - delta):
     _prefix_attention_bwd_dq_kernel   dq = scale * sum ds k over slots and sequence; per program
                                       partial sums of ds over each slot's tokens (d log w)
