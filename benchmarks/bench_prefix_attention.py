@@ -2,6 +2,8 @@
 
     python benchmarks/bench_prefix_attention.py            # GPU: SPEC §6 decode and prefill sweeps
     python benchmarks/bench_prefix_attention.py --quick    # CPU: the SmolLM2-like decode shape
+    python benchmarks/bench_prefix_attention.py --sweep-configs   # GPU: every Triton prefill
+                       # config (PREFILL_CONFIGS pruned by prefill_config_fits), to rank them
 
 Providers
     reference          mops_kernels.reference.prefix_attention (fp32 einsum, gathers the prefixes)
@@ -10,7 +12,10 @@ Providers
     triton             our fused Triton kernels (GPU; on the CPU only with --triton, interpreted)
     cuda               our CUDA decode kernel (T = 1)
     cpu                our C++ decode kernel (T = 1)
-    sdpa_no_prefix     SDPA (flash on the GPU) on the same tokens without prefixes: the TFLOP/s target
+    sdpa_no_prefix     SDPA pinned to the flash backend (torch.nn.attention.sdpa_kernel) on the same
+                       tokens without prefixes: the TFLOP/s target of SPEC §6. Credited with its own
+                       FLOPs only (kP = 0 in the formula below): it does no prefix work.
+    triton[BMxBN,wW,sS]  (--sweep-configs) our Triton prefill forward with one launch configuration
     torch_sdpa_no_prefix, cpu_no_prefix   (CPU decode) a bare model's attention, no prefixes: the
                        two paths prefix_attention's CPU dispatch chooses between
 
@@ -56,6 +61,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small CPU run (< 1 minute)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--triton", action="store_true", help="on the CPU: also time the interpreted kernels")
+    ap.add_argument("--sweep-configs", action="store_true",
+                    help="GPU prefill: time every Triton launch configuration (to order PREFILL_CONFIGS)")
     args = ap.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if args.device == "cpu" and args.triton:
@@ -94,8 +101,12 @@ def main():
                 shp = dict(B=B, Hq=Hq, Hkv=Hkv, T=T, S=S, kP=kk * P, D=D)
                 fl = flops(B, Hq, T, S, kk * P, D)
                 by = decode_bytes(B, Hq, Hkv, S, kk, P, D, q.element_size()) if T == 1 else None
-                run = lambda name, fn: bench.run(name, fn, shapes=shp, dtype=dt, bytes=by,  # noqa: E731
-                                                 flops=fl, reps=reps)
+                s_eff = "S" if T == 1 else "S-T+(T+1)/2"
+                note = (f"flops=4*B*Hq*T*({s_eff}+kP)*D, kP={kk * P}"
+                        + (", bytes=elt*(2*B*Hq*D+2*B*Hkv*S*D+2*B*kk*P*Hkv*D)" if by else ""))
+
+                def run(name, fn, fl=fl, note=note):
+                    bench.run(name, fn, shapes=shp, dtype=dt, bytes=by, flops=fl, reps=reps, note=note)
                 with torch.no_grad():
                     if not cuda or S <= 2048:   # the fp32 einsum reference is slow at long S
                         run("reference", lambda: reference.prefix_attention(
@@ -116,8 +127,23 @@ def main():
                                 q, k, v, None, None, None, None, None, am, True, scale))
                             run("cpu_no_prefix", lambda: fn(q, k, v, None, None, None, None, None, am, True, scale))
                     if cuda and T > 1:
-                        run("sdpa_no_prefix", lambda: torch.nn.functional.scaled_dot_product_attention(
-                            q, k, v, is_causal=True, enable_gqa=True))
+                        from torch.nn.attention import SDPBackend, sdpa_kernel
+                        # kv heads expanded outside the timed call (flash kernels differ in GQA support)
+                        kx, vx = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+
+                        def flash():
+                            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):   # pinned: an error, not a fallback
+                                return torch.nn.functional.scaled_dot_product_attention(
+                                    q, kx, vx, is_causal=True)
+                        run("sdpa_no_prefix", flash, fl=flops(B, Hq, T, S, 0, D),
+                            note=f"flops=4*B*Hq*T*({s_eff}+kP)*D, kP=0 (no prefix work), flash backend")
+                    if cuda and T > 1 and args.sweep_configs:
+                        from mops_kernels.ops import _prefix_attention_triton as TR
+                        i32, wf, _, m8 = TR._prep(q, pk, idx, w, None, am)
+                        for cfg in TR.prefill_configs(Hq // Hkv * T, D, dtype):
+                            tag = f"triton[{cfg.block_m}x{cfg.block_n},w{cfg.num_warps},s{cfg.num_stages}]"
+                            run(tag, lambda cfg=cfg: TR._forward(q, k, v, pk, pv, i32, wf, None, m8, True,
+                                                                  scale, cfg=cfg))
         bench.summary(baseline="torch_gather_sdpa")
 
 

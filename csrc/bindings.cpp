@@ -16,6 +16,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matmul_backward_cpu", &mops::int4_matmul_backward_cpu, "dx = dy @ W, W block-quantized, CPU");
   m.def("prefix_attention_cpu", &mops::prefix_attention_cpu,
         "gated prefix attention, decode (T = 1), pool read through the index, CPU");
+  m.def("prefix_attention_cuda_emulate", &mops::prefix_attention_cuda_emulate,
+        "the CUDA decode kernel's decomposition run on the host (tests): same args + num_sms");
+  m.def("prefix_attention_cuda_plan", &mops::prefix_attention_cuda_plan,
+        "the CUDA decode kernel's launch plan (grids, splits) for (B, Hq, Hkv, S, D, elt, has_prefix, num_sms)");
   // ---- CUDA --------------------------------------------------------------------------------
 #ifdef WITH_CUDA
   m.def("prefix_attention_cuda", &mops::prefix_attention_cuda,

@@ -18,6 +18,17 @@ at::Tensor prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& prefix_weight,
                                 const c10::optional<at::Tensor>& prefix_lens,
                                 const c10::optional<at::Tensor>& attention_mask, bool causal, double scale);
+// The CUDA decode kernel's decomposition on the host (tests; prefix_attention_cuda_emulate.cpp)
+at::Tensor prefix_attention_cuda_emulate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const c10::optional<at::Tensor>& prefix_k,
+                                         const c10::optional<at::Tensor>& prefix_v,
+                                         const c10::optional<at::Tensor>& prefix_index,
+                                         const c10::optional<at::Tensor>& prefix_weight,
+                                         const c10::optional<at::Tensor>& prefix_lens,
+                                         const c10::optional<at::Tensor>& attention_mask, bool causal,
+                                         double scale, int64_t num_sms);
+pybind11::dict prefix_attention_cuda_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t elt,
+                                          bool has_prefix, int64_t num_sms);
 
 #ifdef WITH_CUDA
 // ---- CUDA -----------------------------------------------------------------------------------

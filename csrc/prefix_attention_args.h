@@ -12,6 +12,21 @@ namespace paargs {
 
 inline at::Tensor last_dim_contig(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// t (last dim contiguous) with rows that 16-byte vector loads can read: a 16-byte aligned base and
+// every other stride a multiple of `ept` elements (16 bytes). A contiguous copy otherwise (a fresh
+// allocation is aligned). HF's transposed [B, S, H, D] caches and pool slices already qualify.
+inline at::Tensor vec16_rows(const at::Tensor& t, int64_t ept) {
+  auto ok = [ept](const at::Tensor& x) {
+    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0 || x.size(-1) % ept != 0) return false;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d)
+      if (x.size(d) > 1 && x.stride(d) % ept != 0) return false;
+    return true;
+  };
+  if (t.numel() == 0 || ok(t)) return t;
+  at::Tensor c = t.contiguous();
+  return ok(c) ? c : c.clone();
+}
+
 // The checked, normalised arguments: q, k, v, pk, pv have a contiguous last dimension; idx is int32
 // [B, kk], w fp32 [B, kk], lens int32 [E], mask uint8 [B, S], all contiguous and on q's device.
 // pk, pv, idx, w, lens and mask are undefined when not given (pk, pv, idx: without prefixes).
@@ -101,19 +116,20 @@ inline Inputs check_prefix_attention_args(const char* op, const at::Tensor& q_in
 // fills its own remaining fields (CPU: G, D; CUDA: Hq, the split buffers, chunk, n_split).
 template <template <typename> class ArgsT, typename T>
 inline void fill_common_args(ArgsT<T>& a, const Inputs& in, const at::Tensor& out, double scale) {
-  a.q = in.q.data_ptr<T>(); a.sqb = in.q.stride(0); a.sqh = in.q.stride(1);
-  a.k = in.k.data_ptr<T>(); a.skb = in.k.stride(0); a.skh = in.k.stride(1); a.sks = in.k.stride(2);
-  a.v = in.v.data_ptr<T>(); a.svb = in.v.stride(0); a.svh = in.v.stride(1); a.svs = in.v.stride(2);
+  // void* casts: the CPU kernel takes at::Half / at::BFloat16, the CUDA kernel __half / __nv_bfloat16
+  a.q = static_cast<const T*>(in.q.data_ptr()); a.sqb = in.q.stride(0); a.sqh = in.q.stride(1);
+  a.k = static_cast<const T*>(in.k.data_ptr()); a.skb = in.k.stride(0); a.skh = in.k.stride(1); a.sks = in.k.stride(2);
+  a.v = static_cast<const T*>(in.v.data_ptr()); a.svb = in.v.stride(0); a.svh = in.v.stride(1); a.svs = in.v.stride(2);
   if (in.has_prefix) {
-    a.pk = in.pk.data_ptr<T>(); a.spke = in.pk.stride(0); a.spkp = in.pk.stride(1); a.spkh = in.pk.stride(2);
-    a.pv = in.pv.data_ptr<T>(); a.spve = in.pv.stride(0); a.spvp = in.pv.stride(1); a.spvh = in.pv.stride(2);
+    a.pk = static_cast<const T*>(in.pk.data_ptr()); a.spke = in.pk.stride(0); a.spkp = in.pk.stride(1); a.spkh = in.pk.stride(2);
+    a.pv = static_cast<const T*>(in.pv.data_ptr()); a.spve = in.pv.stride(0); a.spvp = in.pv.stride(1); a.spvh = in.pv.stride(2);
     a.idx = in.idx.data_ptr<int32_t>();
     a.w = in.w.defined() ? in.w.data_ptr<float>() : nullptr;
     a.lens = in.lens.defined() ? in.lens.data_ptr<int32_t>() : nullptr;
   }
   a.kk = in.kk;
   a.mask = in.mask.defined() ? in.mask.data_ptr<uint8_t>() : nullptr;
-  a.out = out.data_ptr<T>(); a.sob = out.stride(0); a.soh = out.stride(1);
+  a.out = static_cast<T*>(out.data_ptr()); a.sob = out.stride(0); a.soh = out.stride(1);
   a.Hkv = in.Hkv; a.S = in.S; a.P = in.P;
   a.scale = static_cast<float>(scale);
 }

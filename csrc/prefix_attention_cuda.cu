@@ -2,8 +2,9 @@
 //   prefix_attention_cuda(q [B,Hq,1,D], k, v [B,Hkv,S,D], prefix_k, prefix_v [E,P,Hkv,D] | None,
 //                         prefix_index [B,kk] | None, prefix_weight [B,kk] | None,
 //                         prefix_lens [E] | None, attention_mask [B,S] | None, causal, scale)
-//     -> out [B, Hq, 1, D] in q's dtype; D in {64, 128}; fp32 / fp16 / bf16.
-// Index/weight/lens values are validated by the Python dispatcher (it syncs once for that).
+//     -> out [B, Hq, 1, D] in q's dtype; D in {64, 128}; fp32 / fp16 / bf16; kk <= 64.
+// Index/weight/lens values are validated where they enter (the Python dispatcher); nothing here
+// reads a value back, so the call is CUDA-graph capturable.
 #if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
 // CPU-only torch wheels (the compile check) lack this generated header; on Linux it only sets
 // C10_CUDA_BUILD_SHARED_LIBS (Windows). CUDA builds of torch have it.
@@ -21,9 +22,21 @@
 namespace mops {
 namespace {
 
-// Sequence keys per split: 256 keys keep S = 2048 at 8 splits (+1 prefix), enough blocks for
-// B*Hq >= 64 on 132 SMs, while the merge reads only n_split partials per row.
-constexpr int64_t kChunk = 256;
+template <typename S> struct CudaType { using type = S; };
+template <> struct CudaType<at::Half> { using type = __half; };
+template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename T, int D>
+void launch(const pacuda::DecodeArgs<T>& a, const pamath::Plan& pl, cudaStream_t stream) {
+  const dim3 grid1(static_cast<unsigned>(pl.grid1_x), static_cast<unsigned>(pl.grid1_y));
+  switch (pl.gt) {
+    case 1: pacuda::decode_split_kernel<T, D, 1><<<grid1, pamath::kThreads, 0, stream>>>(a); break;
+    case 2: pacuda::decode_split_kernel<T, D, 2><<<grid1, pamath::kThreads, 0, stream>>>(a); break;
+    case 4: pacuda::decode_split_kernel<T, D, 4><<<grid1, pamath::kThreads, 0, stream>>>(a); break;
+    default: pacuda::decode_split_kernel<T, D, 8><<<grid1, pamath::kThreads, 0, stream>>>(a); break;
+  }
+  pacuda::decode_merge_kernel<T, D><<<static_cast<unsigned>(pl.grid2_x), D, 0, stream>>>(a);
+}
 
 }  // namespace
 
@@ -36,36 +49,50 @@ at::Tensor prefix_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                  const c10::optional<at::Tensor>& attention_mask, bool causal, double scale) {
   (void)causal;  // T = 1: bottom-right causal sees the whole cache
   // check_values = false: the Python dispatcher validated the values; reading them here would sync.
-  const paargs::Inputs in = paargs::check_prefix_attention_args(
+  paargs::Inputs in = paargs::check_prefix_attention_args(
       "prefix_attention_cuda", q_in, k_in, v_in, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens,
       attention_mask, at::kCUDA, /*check_values=*/false);
   const int64_t B = in.B, Hq = in.Hq, S = in.S, D = in.D;
   TORCH_CHECK(D == 64 || D == 128, "prefix_attention_cuda: head dim D must be 64 or 128, got ", D);
+  TORCH_CHECK(in.q.scalar_type() == at::kFloat || in.q.scalar_type() == at::kHalf ||
+                  in.q.scalar_type() == at::kBFloat16,
+              "prefix_attention_cuda: q must be float32, float16 or bfloat16, got ", in.q.scalar_type());
+  TORCH_CHECK(in.kk <= pamath::kMaxSlots, "prefix_attention_cuda: prefix_index may select at most ",
+              pamath::kMaxSlots, " slots per request (kk), got ", in.kk);
   const c10::cuda::CUDAGuard guard(in.q.device());
-  const int64_t n_split = 1 + (S + kChunk - 1) / kChunk;
+  // 16-byte vector loads of K/V rows: aligned base pointers and row strides (a copy otherwise)
+  const int64_t ept = 16 / in.q.element_size();
+  in.k = paargs::vec16_rows(in.k, ept);
+  in.v = paargs::vec16_rows(in.v, ept);
+  if (in.has_prefix) {
+    in.pk = paargs::vec16_rows(in.pk, ept);
+    in.pv = paargs::vec16_rows(in.pv, ept);
+  }
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, in.q.device().index()));
+  const pamath::Plan pl = pamath::make_plan(B, Hq, in.Hkv, S, D, in.q.element_size(), in.has_prefix, sms);
+  TORCH_CHECK(pl.ok, "prefix_attention_cuda: B*Hq = ", B * Hq, " exceeds the launch grid (2^31 - 1)");
   auto f32 = in.q.options().dtype(at::kFloat);
-  at::Tensor part_acc = at::empty({B * Hq, n_split, D}, f32);
-  at::Tensor part_m = at::empty({B * Hq, n_split}, f32);
-  at::Tensor part_l = at::empty({B * Hq, n_split}, f32);
+  at::Tensor part_acc = at::empty({B * Hq, pl.n_split, D}, f32);
+  at::Tensor part_m = at::empty({B * Hq, pl.n_split}, f32);
+  at::Tensor part_l = at::empty({B * Hq, pl.n_split}, f32);
   at::Tensor out = at::empty({B, Hq, 1, D}, in.q.options());
   if (B == 0 || Hq == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "prefix_attention_cuda", [&] {
-    pacuda::DecodeArgs<scalar_t> a{};
+  auto run = [&](auto tag) {  // fp32 / fp16 / bf16 only: the kernel's 16-byte vectors have no fp64 form
+    using T = typename CudaType<decltype(tag)>::type;
+    pacuda::DecodeArgs<T> a{};
     paargs::fill_common_args(a, in, out, scale);
     a.part_acc = part_acc.data_ptr<float>(); a.part_m = part_m.data_ptr<float>(); a.part_l = part_l.data_ptr<float>();
-    a.Hq = Hq; a.chunk = kChunk; a.n_split = n_split;
-    const dim3 grid1(static_cast<unsigned>(n_split), static_cast<unsigned>(B * Hq));
-    if (D == 64) {
-      pacuda::decode_split_kernel<scalar_t, 64><<<grid1, pacuda::kWarps * 32, 0, stream>>>(a);
-      pacuda::decode_reduce_kernel<scalar_t, 64><<<static_cast<unsigned>(B * Hq), 64, 0, stream>>>(a);
-    } else {
-      pacuda::decode_split_kernel<scalar_t, 128><<<grid1, pacuda::kWarps * 32, 0, stream>>>(a);
-      pacuda::decode_reduce_kernel<scalar_t, 128><<<static_cast<unsigned>(B * Hq), 128, 0, stream>>>(a);
-    }
+    a.Hq = Hq; a.chunk = pl.chunk; a.n_split = pl.n_split; a.n_gchunk = pl.n_gchunk;
+    if (D == 64) launch<T, 64>(a, pl, stream);
+    else launch<T, 128>(a, pl, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  };
+  AT_DISPATCH_SWITCH(in.q.scalar_type(), "prefix_attention_cuda",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { run(scalar_t{}); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { run(scalar_t{}); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { run(scalar_t{}); }));
   return out;
 }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile every csrc/*.cu with nvcc (compile only: no GPU on CI machines), for sm_90.
+# Compile every csrc/*.cu with nvcc (compile only: no GPU on CI machines), for sm_90 and sm_80,
+# with the flags setup.py builds them with (--use_fast_math).
 # CUDA code that does not compile fails CI. Glue files use c10/cuda headers (no cuBLAS needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ out=$(mktemp -d)
 abi=$(python3 -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
 compile_one() {
   "$NVCC" -c "$1" -o "$out/$(basename "$1").o" -std=c++17 -O3 -DWITH_CUDA -DTORCH_EXTENSION_NAME=_C \
-    -gencode=arch=compute_90,code=sm_90 --expt-relaxed-constexpr -Icsrc $inc -I"$pyinc" \
+    -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_80,code=sm_80 --expt-relaxed-constexpr --use_fast_math -Icsrc $inc -I"$pyinc" \
     -D_GLIBCXX_USE_CXX11_ABI="$abi" && echo "ok   $1" || { echo "FAIL $1" >&2; return 1; }
 }
 # Two at a time (the machines have 2 cores); every failure is reported, any failure fails.

@@ -26,6 +26,7 @@ CASES = [
     (1, 1, 3, 37, 111, 16, 2, 1, 3),    # T < S (cache), P = 1
     (3, 1, 3, 1, 37, 64, 5, 16, 1),     # decode, D = 64, one slot
     (1, 1, 3, 111, 111, 16, 3, 16, 2),  # long prefill: several row and key tiles
+    (2, 1, 3, 111, 37, 16, 4, 7, 3),    # T > S: the first rows see only the prefix
 ]
 DTYPES = [(torch.float32, 1e-4), (torch.float16, None), (torch.bfloat16, None)]
 
@@ -386,6 +387,207 @@ def test_cuda_decode_and_prefill(backend, dtype, tol, D, force_backend):
             assert rel_err(out, ref) <= tol, (T, S, rel_err(out, ref))
         else:
             assert tol_ok(out, ref, _plain(*args), dtype), (T, S, rel_err(out, ref))
+
+
+# ---- Triton prefill: launch configurations, the packed prefix tile, unmasked interior tiles -----
+@pytest.mark.parametrize("dtype,D", [(torch.float16, 64), (torch.bfloat16, 128), (torch.float32, 64)],
+                         ids=["fp16D64", "bf16D128", "fp32D64"])
+def test_triton_every_prefill_config_matches_reference(force_backend, dtype, D):
+    """Every configuration prefill_configs keeps (BM = 128 ones included) gives the reference's
+    answer: the GPU sweep may pick any of them."""
+    from mops_kernels.ops import _prefix_attention_triton as TR
+    force_backend("triton")
+    B, Hkv, G, T, S = 2, 1, 4, 37, 45        # R = 148 rows: one full 128-row tile and a ragged one
+    args = make(B, Hkv, G, T, S, D, 4, 7, 3, dtype=dtype)
+    q, k, v, pk, pv, idx, w, lens, am = args
+    ref = _ref(*args)
+    cfgs = TR.prefill_configs(G * T, D, dtype)
+    assert len(cfgs) >= (1 if dtype == torch.float32 else 3)
+    assert dtype == torch.float32 or any(c.block_m == 128 for c in cfgs)
+    pidx, pw, plens, pmask = TR._prep(q, pk, idx, w, lens, am)
+    for cfg in cfgs:
+        out, _ = TR._forward(q, k, v, pk, pv, pidx, pw, plens, pmask, True, D ** -0.5, cfg=cfg)
+        if dtype == torch.float32:
+            assert rel_err(out, ref) <= 1e-4, cfg
+        else:
+            assert tol_ok(out, ref, _plain(*args), dtype), (cfg, rel_err(out, ref))
+
+
+def test_prefill_config_predicate_prunes():
+    from mops_kernels.ops import _prefix_attention_triton as TR
+    assert all(c.block_m <= 64 for c in TR.prefill_configs(40, 128, torch.bfloat16))   # few rows
+    assert TR.prefill_configs(5, 64, torch.bfloat16)[0].block_m == 16                   # decode-like
+    many = TR.prefill_configs(4 * 2048, 128, torch.bfloat16)
+    assert {c.block_m for c in many} == {64, 128} and all(c.num_warps == 8 for c in many)
+    assert all(c.block_n <= 64 for c in many)                  # no 128 x 128 K/V tiles at D = 128
+    assert all(c.block_m == 64 and c.block_n * 128 <= 4096 for c in TR.prefill_configs(4096, 128, torch.float32))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="counts the kernel's tile loads, which needs the interpreter")
+@pytest.mark.parametrize("T,S,causal", [(111, 111, True), (37, 111, True), (111, 37, True), (37, 111, False), (1, 200, True)])
+def test_triton_forward_packs_the_prefix_and_masks_only_boundary_tiles(force_backend, monkeypatch, T, S,
+                                                                      causal):
+    """Per program: the selected slots take cdiv(packed tokens, BLOCK_N) tiles (one here: kk*P <=
+    BLOCK_N, holes / w = 0 / short slots packed out), and only the diagonal / boundary sequence
+    tiles go through the masked loader; the interior ones are read with no mask."""
+    from mops_kernels.ops import _prefix_attention_triton as TR
+    force_backend("triton")
+    B, Hkv, G, D = 2, 1, 1, 16
+    q, k, v, pk, pv, idx, w, lens, am = make(B, Hkv, G, T, S, D, 5, 16, 4)
+    calls = {"packed": 0, "masked": 0}
+    real_packed, real_seq = TR._packed_keys, TR._seq_keys
+
+    def packed(*a, **kw):
+        calls["packed"] += 1
+        return real_packed(*a, **kw)
+
+    def seq(*a, **kw):
+        calls["masked"] += 1
+        return real_seq(*a, **kw)
+
+    monkeypatch.setattr(TR, "_packed_keys", packed)
+    monkeypatch.setattr(TR, "_seq_keys", seq)
+    with torch.no_grad():
+        out = prefix_attention(q, k, v, pk, pv, idx, w, prefix_lens=lens, attention_mask=am, causal=causal)
+    assert rel_err(out, _ref(q, k, v, pk, pv, idx, w, lens, am, causal=causal)) <= 1e-4
+    R = G * T
+    if T == 1:
+        BM, BN, _ = TR._block_sizes(R, D, q.dtype)
+        chunk = TR._decode_chunk(S, BN)
+        n_prog_prefix = 1                                     # split 0 only, per (b, kv head)
+        masked = sum(1 for c0 in range(0, S, chunk) if min(c0 + chunk, S) % BN)  # ragged last tile
+    else:
+        BM, BN = TR.prefill_configs(R, D, q.dtype)[0][:2]
+        n_prog_prefix = triton_cdiv(R, BM)
+        masked = 0
+        for r0 in range(0, R, BM):
+            r1 = min(r0 + BM, R) - 1
+            t_min = r0 % T if r0 // T == r1 // T else 0
+            t_max = r1 % T if r0 // T == r1 // T else T - 1
+            hi = max(min(S, S - T + t_max + 1), 0) if causal else S
+            full = (max(min(S, S - T + t_min + 1), 0) if causal else S) // BN * BN
+            masked += triton_cdiv(max(hi - min(full, hi), 0), BN)
+    tiles = [triton_cdiv(sum(int(lens[idx[b, j]]) for j in range(idx.shape[1])
+                             if idx[b, j] >= 0 and w[b, j] > 0), BN) for b in range(B)]
+    assert max(tiles) == 1                                    # 4 slots x 16 tokens in one 64-wide tile
+    assert calls["packed"] == n_prog_prefix * Hkv * sum(tiles)
+    assert calls["masked"] == B * Hkv * masked
+
+
+def test_decode_order_table_decides_between_cuda_and_triton(monkeypatch):
+    """GPU decode: DECODE_ORDER_CUDA alone picks between the two fused kernels (the registry's
+    supports() predicates, pure host logic, on a stand-in q that says "cuda"); a forced backend,
+    a prefill or too many slots for the CUDA kernel bypass it."""
+    from types import SimpleNamespace
+    monkeypatch.delenv("MOPS_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "ext_has", lambda name: True)
+    monkeypatch.setattr(_backend, "why_not", lambda b, device, supported: None if b in supported else "no")
+    q = SimpleNamespace(shape=(4, 8, 1, 128), device=torch.device("cuda"), dtype=torch.bfloat16)
+
+    def offered(q, kk):
+        return {b for b, impl in _backend.registered("prefix_attention").items()
+                if impl.supports is None or impl.supports(q, True, False, kk)} & {"cuda", "triton"}
+
+    assert offered(q, 4) == {PA.DECODE_ORDER_CUDA[0]}
+    monkeypatch.setattr(PA, "DECODE_ORDER_CUDA", ("triton", "cuda"))
+    assert offered(q, 4) == {"triton"}
+    monkeypatch.setattr(PA, "DECODE_ORDER_CUDA", ("cuda", "triton"))
+    assert offered(q, 4) == {"cuda"}
+    assert offered(q, 65) == {"triton"}                              # kk > 64: no cuda kernel
+    prefill = SimpleNamespace(shape=(4, 8, 7, 128), device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert offered(prefill, 4) == {"triton"}
+    monkeypatch.setenv("MOPS_BACKEND", "triton")
+    assert offered(q, 4) == {"cuda", "triton"}
+
+
+# ---- the CUDA decode kernel's decomposition, on the host --------------------------------------
+# No GPU here: the extension's prefix_attention_cuda_emulate runs the CUDA kernel's own structure
+# (launch plan, splits, packed prefix tile in passes, key groups with tiles of 2 keys and one
+# rescale per tile, warp butterfly + CTA + split merges) with the kernel's __host__ __device__
+# helpers (csrc/prefix_attention_decode_math.h). The cases reach every branch of that structure:
+# heads per CTA 1/4/8 (G = 1, 3, 5 padded to 8, 9 = two head chunks), D 64/128 (2 or 4 key groups
+# per warp in fp16/bf16, 1 or 2 in fp32), one split or many (num_sms), a prefix tile of several
+# passes (kk * P > 256), keys past the chunk end, holes / repeats / w = 0 / short and empty slots.
+requires_emulate = pytest.mark.skipif(not _backend.ext_has("prefix_attention_cuda_emulate"),
+                                      reason="needs the C++ extension")
+# (B, Hkv, G, T, S, D, E, P, kk, num_sms)
+EMU_CASES = [
+    (2, 2, 3, 1, 111, 64, 4, 16, 4, 132),    # GQA 3 -> 4 heads per CTA, several splits
+    (3, 1, 1, 1, 37, 128, 5, 16, 1, 1),      # G = 1, one split
+    (2, 1, 5, 1, 300, 64, 3, 7, 3, 132),     # G = 5: 8 heads per CTA, 3 of them padding
+    (1, 1, 9, 1, 1111, 128, 4, 16, 2, 132),  # G = 9: two head chunks; 1111 keys in many splits
+    (2, 1, 3, 1, 45, 128, 4, 100, 4, 7),     # 300 packed prefix tokens (full slots): two passes of 256
+]
+
+
+def _emulate(args, num_sms, scale=None):
+    q, k, v, pk, pv, idx, w, lens, am = args
+    return _backend.extension().prefix_attention_cuda_emulate(
+        q, k, v, pk, pv, idx, None if w is None else w.float(), lens, am, True,
+        q.shape[-1] ** -0.5 if scale is None else scale, num_sms)
+
+
+@requires_emulate
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", EMU_CASES, ids=[f"G{c[2]}S{c[4]}D{c[5]}P{c[7]}k{c[8]}sm{c[9]}" for c in EMU_CASES])
+def test_cuda_decode_decomposition_matches_reference(case, dtype, tol):
+    args = make(*case[:9], dtype=dtype)
+    if case[7] * case[8] > 256:              # pamath::kPackTile: full slots, so the packed tile
+        args[7].fill_(case[7])               # really takes two passes (3 valid slots x 100 tokens)
+    out = _emulate(args, case[9])
+    ref = _ref(*args)
+    assert out.dtype == dtype and not torch.isnan(out).any()
+    if dtype == torch.float32:
+        assert rel_err(out, ref) <= tol, rel_err(out, ref)
+    else:
+        assert tol_ok(out, ref, _plain(*args), dtype), (rel_err(out, ref), rel_err(_plain(*args), ref))
+
+
+@requires_emulate
+def test_cuda_decode_decomposition_edge_rows():
+    """Rows with no valid key give 0 (all padding + every slot excluded); no prefix at all; no
+    weights (w = 1, bias 0) and no lens (P tokens); every split count gives the same answer."""
+    args = list(make(3, 1, 3, 1, 300, 64, 4, 16, 3))
+    args[8][0] = 0                          # request 0: every sequence key is padding ...
+    args[6][0] = 0.0                        # ... and every slot is excluded
+    out = _emulate(args, 132)
+    assert out[0].abs().max() == 0 and not torch.isnan(out).any()
+    assert rel_err(out, _ref(*args)) <= 1e-4
+    q, k, v, pk, pv, idx, w, lens, am = make(2, 2, 3, 1, 77, 128, 4, 16, 2)
+    ext = _backend.extension()
+    none = ext.prefix_attention_cuda_emulate(q, k, v, None, None, None, None, None, am, True, 128 ** -0.5, 132)
+    assert rel_err(none, R.prefix_attention(q, k, v, pk, pv, idx[:, :0], attention_mask=am)) <= 1e-4
+    plain = ext.prefix_attention_cuda_emulate(q, k, v, pk, pv, idx, None, None, None, True, 128 ** -0.5, 5)
+    assert rel_err(plain, R.prefix_attention(q, k, v, pk, pv, idx)) <= 1e-4
+    args = make(2, 2, 3, 1, 1111, 64, 4, 16, 2)
+    outs = [_emulate(args, sms) for sms in (1, 16, 132, 100000)]
+    for o in outs[1:]:
+        assert rel_err(o, outs[0]) <= 1e-5
+
+
+@requires_emulate
+def test_cuda_decode_rejects_too_many_slots():
+    q, k, v, pk, pv, idx, w, lens, am = make(1, 1, 3, 1, 9, 64, 4, 2, 65)
+    with pytest.raises(RuntimeError, match="at most 64 slots"):
+        _emulate((q, k, v, pk, pv, idx, w, lens, am), 132)
+
+
+@requires_emulate
+@pytest.mark.parametrize("B,Hq,Hkv,D,elt", [(8192, 9, 3, 64, 2), (4096, 32, 8, 128, 2), (70000, 1, 1, 128, 4)])
+def test_cuda_decode_launch_grid_at_scoring_batches(B, Hq, Hkv, D, elt):
+    """B*Hq > 65,535 (scoring-sized batches): the (b, head) products go on grid.x (limit 2^31 - 1),
+    only the splits on grid.y (<= 65,535); a pure-host computation of the kernel's launch plan."""
+    assert B * Hq > 65535
+    plan = _backend.extension().prefix_attention_cuda_plan(B, Hq, Hkv, 2048, D, elt, True, 132)
+    gt = plan["heads_per_cta"]
+    assert plan["ok"] and gt >= min(Hq // Hkv, 8)
+    assert plan["grid1"] == (B * Hkv * -(-(Hq // Hkv) // gt), plan["n_split"])
+    assert plan["grid1"][0] <= 2**31 - 1 and plan["grid1"][1] <= 65535 and plan["grid2"] == B * Hq
+    assert plan["n_split"] == 1 + -(-2048 // plan["chunk"]) and plan["chunk"] % plan["tile"] == 0
+    # S so long that one split per tile would overflow grid.y: the chunk grows instead
+    huge = _backend.extension().prefix_attention_cuda_plan(1, Hq, Hkv, 70000 * 64, D, elt, False, 100000)
+    assert huge["ok"] and huge["grid1"][1] <= 65535
 
 
 # ---- boundaries -----------------------------------------------------------------------------

@@ -216,3 +216,38 @@ def test_every_launch_config_compiles_for_sm90(captured):
               for (name, spec), res in zip(jobs, results) if not res["ok"]]
     assert not failed, f"{len(failed)}/{len(jobs)} configs failed:\n" + "\n".join(failed)
     assert {name for name, _ in jobs} == set(jit_kernels())
+
+
+def _prefill_config_specs():
+    """The prefill forward's launch (recorded, not run) under every configuration the GPU sweep may
+    pick: prefill_configs for bf16 at D = 128 and 64 and fp32 at D = 128, R = 4 x 64 rows, typed
+    as on a GPU (no upcast). fp16 at D = 128 compiles in tests/test_sass_budget_attention.py."""
+    rec, specs = [], []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: rec.append((a, kw))
+
+    cuda = torch.device("cuda")
+    upcast = TR._upcast
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TR._KERNELS, "fwd", Recorder())
+        mp.setattr(TR, "_upcast", lambda q: upcast(SimpleNamespace(dtype=q.dtype, device=cuda)))
+        for dtype, D in ((torch.bfloat16, 128), (torch.bfloat16, 64), (torch.float32, 128)):
+            q, k, v, pk, pv, idx, w, lens, am = attention_inputs(1, 1, 4, 64, 64, D, 4, 16, 4, dtype=dtype,
+                                                                 noncontig=False)
+            i, ww, ll, mm = TR._prep(q, pk, idx, w, lens, am)
+            for cfg in TR.prefill_configs(4 * 64, D, dtype):
+                rec.clear()
+                TR._forward(q, k, v, pk, pv, i, ww, ll, mm, True, D ** -0.5, cfg=cfg)
+                specs.append((cfg, launch_spec(TR._prefix_attention_fwd_kernel, *rec[0])))
+    return specs
+
+
+@pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs Triton's NVIDIA backend (ptxas)")
+def test_every_prefill_config_compiles_for_sm90():
+    jobs = _prefill_config_specs()
+    assert {cfg.block_m for cfg, _ in jobs} == {64, 128}
+    results = compile_specs_for_sm90([spec for _, spec in jobs])
+    failed = [f"{tuple(cfg)}\n{res['error']}" for (cfg, _), res in zip(jobs, results) if not res["ok"]]
+    assert not failed, "\n".join(failed)

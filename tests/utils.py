@@ -76,7 +76,8 @@ def sm90_spec(kernel, signature: dict, constexprs: dict, attrs: dict | None = No
 
 
 def compile_specs_for_sm90(specs: list) -> list:
-    """Compile every sm90_spec in one child process: [{"ok", "cubin_bytes", "error"}] per spec."""
+    """Compile every sm90_spec in one child process: [{"ok", "cubin_bytes", "error"}] per spec
+    (a spec with a "cubin_path" key also gets its cubin written there)."""
     import json, os, subprocess, sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": root}

@@ -6,16 +6,33 @@ h = hkv*G + g). GQA thus costs nothing (every K/V tile is loaded once for all G 
 (T = 1) still fills a tile with the G heads.
 
 Forward (online softmax, base-2 logits c2 = log2(e) * scale * q·k):
-    1. the prefix segment: for j < kk, slot = prefix_index[b, j]; skip when slot < 0 or w == 0;
-       keys/values are read IN PLACE from the pool prefix_k/v[slot, p, hkv, :] for
-       p < prefix_lens[slot], with the bias log2 w[b, j];
-    2. the sequence tiles s < min(S, S - T + t_max + 1) (bottom-right causal), padding masked.
-    Prefill (T > 1): one program does both and writes out and lse. Decode (T = 1): flash-decoding;
-    program id 2 picks a split: split 0 is the prefix segment, split i >= 1 the sequence chunk
-    [(i-1)*chunk, i*chunk); each writes (acc, m, l) and `_prefix_attention_reduce_kernel` merges.
+    1. the prefix, packed into one tile: the selections j < kk with slot = prefix_index[b, j] >= 0
+       and w > 0 contribute their tokens p < prefix_lens[slot] back to back (`_packed_slots`: a
+       cumsum over kk; token n belongs to the j with start[j] <= n < end[j]), so kk = 4 slots of
+       P = 16 tokens are ONE 64-wide tile whatever the holes; keys/values are read IN PLACE from
+       the pool prefix_k/v[slot, p, hkv, :] with the per-token bias log2 w[b, j];
+    2. the sequence: first the interior tiles, whose keys every row of the tile sees (below the
+       causal diagonal of the tile's smallest t, inside S): loads without bounds, no [M, N]
+       select (padding, if any, is a [N] -inf bias); then the diagonal / boundary tiles
+       s < min(S, S - T + t_max + 1) with the full masks.
+    Prefill (T > 1): one program does both and writes out and lse; its launch configuration
+    (BLOCK_M 64 or 128, BLOCK_N, warps, stages) is the first of PREFILL_CONFIGS that
+    prefill_config_fits keeps. Decode (T = 1): flash-decoding; program id 2 picks a split: split 0
+    is the prefix tile, split i >= 1 the sequence chunk [(i-1)*chunk, i*chunk); each writes
+    (acc, m, l) and `_prefix_attention_reduce_kernel` merges.
     No tensor of shape [B, kk*P, ...] is ever materialised: the kernels receive the pool itself
     (tests/test_prefix_attention.py checks the launch arguments).
     lse (base 2) is +inf on a row with no valid key, so the backward's p = exp2(c2 - lse) is 0 there.
+
+Roofline (sm_90 SASS of the interior loop, fp16, D = 128: tests/test_sass_budget_attention.py;
+H100: 4 warp-instructions per clock per SM, 4096 dense bf16 FLOP per clock per SM, 3.35 TB/s):
+    prefill  FLOPs 4 * BLOCK_M * BLOCK_N * D per iteration; tensor-bound below 1 warp-instruction
+             per 1024 FLOP. 128 x 64 tiles, 8 warps: 0.92 (254 registers: one CTA of 8 warps per
+             SM); 64 x 64: 1.73 (190 registers), issue-bound; the old all-masked loop: 2.68.
+    decode   bytes: K/V of each (b, kv head) once for its G query heads (one tensor-core tile of
+             16 rows), the packed prefix rows once, fp32 partials; ~24 instructions per lane-16 B
+             of K/V at G = 1 and 4 against the ~145 an SM can issue at full HBM bandwidth
+             (164 registers, 4 warps: 3 CTAs per SM).
 
 Backward (FlashAttention-2 style, delta = rowsum(dO * O)), with ds = p * (dO·v - delta):
     _prefix_attention_bwd_dq_kernel   dq = scale * sum ds k over slots and sequence; per program
@@ -33,6 +50,7 @@ Backward (FlashAttention-2 style, delta = rowsum(dO * O)), with ds = p * (dO·v 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -156,6 +174,60 @@ def _prefix_keys(PK, PV, slot, hkv, offs_p, n_tok, spkp, spkh, spkd, spvp, spvh,
 
 
 @triton.jit
+def _packed_slots(IDX, W, LENS, b, sib, sij, swb, swj, KK, P,
+                  KK_PAD: tl.constexpr, HAS_W: tl.constexpr, HAS_LENS: tl.constexpr):
+    """The packed prefix tile of request b: per selection j < KK (padded to KK_PAD) its slot, base-2
+    bias log2 w and token range [start, end) in the packed order; holes, w == 0 and p >= lens
+    take no room. Returns (slot, bias, start, end, total)."""
+    jj = tl.arange(0, KK_PAD)
+    j_ok = jj < KK
+    slot = tl.load(IDX + b * sib + jj * sij, mask=j_ok, other=-1).to(tl.int64)
+    on = slot >= 0
+    cnt = tl.where(on, P, 0)
+    if HAS_LENS:
+        cnt = tl.where(on, tl.load(LENS + tl.maximum(slot, 0), mask=j_ok, other=0).to(tl.int32), 0)
+    bias = tl.zeros([KK_PAD], dtype=tl.float32)
+    if HAS_W:
+        w = tl.load(W + b * swb + jj * swj, mask=j_ok, other=0.0).to(tl.float32)
+        cnt = tl.where(w > 0, cnt, 0)
+        bias = tl.log2(tl.where(w > 0, w, 1.0))
+    end = tl.cumsum(cnt, 0)
+    return tl.maximum(slot, 0), bias, end - cnt, end, tl.sum(cnt, 0)
+
+
+@triton.jit
+def _packed_keys(PK, PV, slot, bias, start, end, total, hkv, offs_n, spkp, spkh, spkd, spvp, spvh,
+                 spvd, spke, spve, KK_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Packed tokens offs_n [N] of the prefix tile, read in place from the pool: k^T [D, N],
+    v [N, D], valid [N], bias [N]. Token n belongs to selection j = #{j : end[j] <= n}."""
+    offs_d = tl.arange(0, BLOCK_D)
+    jn = tl.sum((end[None, :] <= offs_n[:, None]).to(tl.int32), 1)
+    pick = jn[:, None] == tl.arange(0, KK_PAD)[None, :]                    # one-hot [N, KK_PAD]
+    slot_n = tl.sum(tl.where(pick, slot[None, :], 0), 1)
+    p = offs_n - tl.sum(tl.where(pick, start[None, :], 0), 1)
+    bias_n = tl.sum(tl.where(pick, bias[None, :], 0.0), 1)
+    tok_ok = offs_n < total
+    kt = tl.load(PK + slot_n[None, :] * spke + p[None, :] * spkp + hkv * spkh + offs_d[:, None] * spkd,
+                 mask=tok_ok[None, :], other=0.0)
+    vv = tl.load(PV + slot_n[:, None] * spve + p[:, None] * spvp + hkv * spvh + offs_d[None, :] * spvd,
+                 mask=tok_ok[:, None], other=0.0)
+    return kt, vv, tok_ok, bias_n
+
+
+@triton.jit
+def _seq_full_end(pid_m, T, S, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """End of the interior sequence tiles of row tile pid_m: whole BLOCK_N tiles of keys that every
+    row of the tile sees (s < S, and s <= S - T + t for its smallest t under causal)."""
+    end = S
+    if CAUSAL:
+        r0 = pid_m * BLOCK_M
+        r1 = tl.minimum(r0 + BLOCK_M, R) - 1
+        t_min = tl.where(r0 // T == r1 // T, r0 % T, 0)      # a tile spanning two heads has t = 0
+        end = tl.maximum(tl.minimum(S, S - T + t_min + 1), 0)
+    return (end // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _prefix_attention_fwd_kernel(
         Q, K, V, PK, PV, IDX, W, LENS, MASK, O, LSE, ACC_P, M_P, L_P,
         sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
@@ -164,7 +236,7 @@ def _prefix_attention_fwd_kernel(
         Hkv, G, T, S, P, KK, qk_scale, chunk, n_split,
         HAS_PREFIX: tl.constexpr, HAS_W: tl.constexpr, HAS_LENS: tl.constexpr,
         HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KK_PAD: tl.constexpr,
         DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -179,31 +251,40 @@ def _prefix_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # ---- (1) the prefix segment, read from the pool through the index ----------------------
+    # ---- (1) the prefix: the request's selected slots packed into one tile -----------------
     if HAS_PREFIX:
-        n_sel = KK
+        slot, bias, start, end, total = _packed_slots(IDX, W, LENS, b, sib, sij, swb, swj, KK, P,
+                                                      KK_PAD, HAS_W, HAS_LENS)
         if SPLIT:
-            n_sel = tl.where(pid_s == 0, KK, 0)   # split 0 is the prefix segment
-        for j in range(0, n_sel):
-            slot, n_tok, bias = _slot_info(IDX, W, LENS, b, j, sib, sij, swb, swj, P,
-                                           HAS_W, HAS_LENS)
-            for p0 in range(0, n_tok, BLOCK_N):
-                kt, vv, tok_ok = _prefix_keys(PK, PV, slot, hkv, p0 + offs_n, n_tok, spkp, spkh,
-                                              spkd, spvp, spvh, spvd, spke, spve, BLOCK_D)
-                s = _dot(q, kt, DOT_PREC, UPCAST) * qk_scale + bias
-                s = tl.where(tok_ok[None, :], s, float("-inf"))
-                acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vv, DOT_PREC, UPCAST)
+            total = tl.where(pid_s == 0, total, 0)   # split 0 is the prefix segment
+        for n0 in range(0, total, BLOCK_N):           # one tile while kk*P <= BLOCK_N
+            kt, vv, tok_ok, bias_n = _packed_keys(PK, PV, slot, bias, start, end, total, hkv,
+                                                  n0 + offs_n, spkp, spkh, spkd, spvp, spvh, spvd,
+                                                  spke, spve, KK_PAD, BLOCK_D)
+            s = _dot(q, kt, DOT_PREC, UPCAST) * qk_scale + bias_n[None, :]
+            s = tl.where(tok_ok[None, :], s, float("-inf"))
+            acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vv, DOT_PREC, UPCAST)
 
-    # ---- (2) the sequence, bottom-right causal + padding -----------------------------------
+    # ---- (2) the sequence: interior tiles without masks, then the diagonal/boundary tiles ----
     hi = _seq_hi(pid_m, T, S, R, BLOCK_M, CAUSAL)
     lo = 0
     if SPLIT:
         lo = (pid_s - 1) * chunk
         hi = tl.where(pid_s == 0, 0, tl.minimum(hi, lo + chunk))
         lo = tl.maximum(lo, 0)
+    mid = tl.minimum(tl.maximum(_seq_full_end(pid_m, T, S, R, BLOCK_M, BLOCK_N, CAUSAL), lo), hi)
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
-    for s0 in range(lo, hi, BLOCK_N):
+    for s0 in range(lo, mid, BLOCK_N):                # every row sees every key: no bounds, no causal
+        offs_s = s0 + offs_n
+        kt = tl.load(k_base + offs_s[None, :] * sks + offs_d[:, None] * skd)
+        vv = tl.load(v_base + offs_s[:, None] * svs + offs_d[None, :] * svd)
+        s = _dot(q, kt, DOT_PREC, UPCAST) * qk_scale
+        if HAS_MASK:                                  # padding: a [N] bias, not a [M, N] select
+            am = tl.load(MASK + b * smb + offs_s * sms)
+            s = s + tl.where(am != 0, 0.0, float("-inf"))[None, :]
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vv, DOT_PREC, UPCAST)
+    for s0 in range(mid, hi, BLOCK_N):
         kt, vv, ok = _seq_keys(k_base, v_base, MASK, b, smb, sms, sks, skd, svs, svd,
                                s0 + offs_n, hi, t, T, S, BLOCK_D, HAS_MASK, CAUSAL)
         s = _dot(q, kt, DOT_PREC, UPCAST) * qk_scale
@@ -428,11 +509,61 @@ def _prefix_attention_bwd_dkv_kernel(
 # Launch functions
 # --------------------------------------------------------------------------------------------
 def _block_sizes(R, D, dtype):
-    """(BLOCK_M, BLOCK_N, num_warps). tl.dot needs >= 16 on every side; 64x64 tiles keep fp32 D=128
-    within the register file; decode rows (R = G heads) get a 16-row tile."""
+    """(BLOCK_M, BLOCK_N, num_warps) of decode and of the backward. tl.dot needs >= 16 on every
+    side; 64x64 tiles keep fp32 D=128 within the register file; decode rows (R = G heads) get a
+    16-row tile."""
     block_m = max(16, min(64, triton.next_power_of_2(R)))
     block_n = 64 if (D <= 64 or dtype != torch.float32) else 32
     return block_m, block_n, 8 if (D == 128 and block_m == 64) else 4   # D=128 tiles: more warps
+
+
+class PrefillConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# The prefill forward's launch configurations, best first (the first that `prefill_config_fits`
+# keeps runs). Until the GPU sweep ranks them (benchmarks/bench_prefix_attention.py
+# --sweep-configs), the order comes from the SASS of the interior loop (sm_90, fp16, D = 128;
+# tests/test_sass_budget_attention.py): H100 issues 4 warp-instructions per clock per SM against
+# 4096 dense bf16 FLOP, so a loop is tensor-bound only below 1 warp-instruction per 1024 FLOP.
+# 128 x 64 tiles (8 warps) issue ~0.9 per 1024 FLOP, 64 x 64 tiles ~1.7 (issue-bound at ~0.6x
+# the tensor peak): 128-row tiles first wherever a (b, kv head) has >= 128 query rows. (128 x 32
+# was dropped: 1.3 per 1024 FLOP.)
+PREFILL_CONFIGS = (
+    PrefillConfig(128, 64, 8, 2),
+    PrefillConfig(128, 64, 8, 3),
+    PrefillConfig(128, 128, 8, 2),
+    PrefillConfig(64, 64, 4, 2),
+    PrefillConfig(64, 64, 8, 2),
+    PrefillConfig(64, 32, 8, 2),      # fp32 at D = 128 (ieee dots: no tensor-core tiles)
+)
+
+
+def prefill_config_fits(cfg: PrefillConfig, R: int, D: int, dtype: torch.dtype) -> bool:
+    """The configurations worth running for R rows per (b, kv head) at head dim D."""
+    if cfg.block_m == 128 and R < 128:
+        return False                  # most rows of a 128-row tile would be padding
+    if cfg.block_m == 128 and cfg.num_warps != 8:
+        return False                  # 128 rows: two warpgroups (4 warps per 64 rows)
+    if cfg.block_m == 64 and cfg.num_warps != (8 if D == 128 else 4):
+        return False                  # 64x128 fp32 accumulator: 8 warps at D=128, 4 below
+    if cfg.block_n == 128 and D > 64:
+        return False                  # K and V tiles of 128 x 128 leave no registers for P
+    if dtype == torch.float32:        # ieee fp32 dots (no tensor cores): 64 x 64 x 64 at most
+        return cfg.block_m == 64 and cfg.block_n * D <= 64 * 64
+    return cfg.block_n >= 64   # 16-bit: 32-wide key tiles issue 2.4 per 1024 FLOP (the SASS test)
+
+
+def prefill_configs(R: int, D: int, dtype: torch.dtype) -> list:
+    """PREFILL_CONFIGS pruned by prefill_config_fits, in order. Fewer than 64 rows per (b, kv
+    head): the 16/32-row tile of _block_sizes alone (a 64-row tile would be mostly padding)."""
+    if R <= 32:
+        return [PrefillConfig(*_block_sizes(R, D, dtype), 2)]
+    fit = [c for c in PREFILL_CONFIGS if prefill_config_fits(c, R, D, dtype)]
+    return fit or [PrefillConfig(*_block_sizes(R, D, dtype), 2)]
 
 
 def _decode_chunk(S, block_n):
@@ -483,14 +614,19 @@ def _dims(q, k, prefix_k, idx):
     return B, Hq, T, D, Hkv, S, Hq // Hkv, (Hq // Hkv) * T, KK, P, has_prefix
 
 
-def _forward(q, k, v, prefix_k, prefix_v, idx, w, lens, mask, causal, scale):
+def _forward(q, k, v, prefix_k, prefix_v, idx, w, lens, mask, causal, scale, cfg=None):
+    """Launch the forward; cfg (a PrefillConfig) overrides the prefill tile choice (T > 1)."""
     B, Hq, T, D, Hkv, S, G, R, KK, P, has_prefix = _dims(q, k, prefix_k, idx)
-    BM, BN, nw = _block_sizes(R, D, q.dtype)
+    split = T == 1
+    if split:
+        BM, BN, nw = _block_sizes(R, D, q.dtype)
+        stages = None
+    else:
+        BM, BN, nw, stages = cfg if cfg is not None else prefill_configs(R, D, q.dtype)[0]
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     pk, pv, strides = _common_args(q, k, v, prefix_k, prefix_v, idx, w, mask)
     dummy = lse
-    split = T == 1
     chunk = _decode_chunk(S, BN)
     n_split = 1 + triton.cdiv(S, chunk) if split else 1
     n_mblk = triton.cdiv(R, BM)
@@ -500,6 +636,7 @@ def _forward(q, k, v, prefix_k, prefix_v, idx, w, lens, mask, causal, scale):
         l_p = torch.empty_like(m_p)
     else:
         acc_p = m_p = l_p = dummy
+    opts = dict(num_warps=nw) if stages is None else dict(num_warps=nw, num_stages=stages)
     _KERNELS["fwd"][(n_mblk, B * Hkv, n_split)](
         q, k, v, pk, pv, idx if has_prefix else dummy, w if w is not None else dummy,
         lens if lens is not None else dummy, mask if mask is not None else dummy,
@@ -507,7 +644,8 @@ def _forward(q, k, v, prefix_k, prefix_v, idx, w, lens, mask, causal, scale):
         Hkv, G, T, S, P, KK, scale * LOG2E, chunk, n_split,
         HAS_PREFIX=has_prefix, HAS_W=w is not None, HAS_LENS=lens is not None,
         HAS_MASK=mask is not None, CAUSAL=bool(causal), SPLIT=split,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=D, DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q), num_warps=nw)
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=D, KK_PAD=triton.next_power_of_2(max(KK, 1)),
+        DOT_PREC=_dot_prec(q.dtype), UPCAST=_upcast(q), **opts)
     if split:
         _KERNELS["reduce"][(n_mblk, B * Hkv)](acc_p, m_p, l_p, out, lse, Hkv, G, T, n_split,
                                               *out.stride(), BLOCK_M=BM, BLOCK_D=D, num_warps=nw)

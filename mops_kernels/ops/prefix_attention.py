@@ -26,7 +26,10 @@ Backends (registered with `_backend.register` above `prefix_attention`):
             pool through prefix_index, then the sequence tiles; decode splits S flash-decoding
             style with the prefix segment as one more split) and fused backward. No tensor of
             shape [B, kk*P, ...] is ever materialised: the kernels receive the pool itself.
-    cuda    T == 1 forward (split-K decode kernel in csrc/prefix_attention_cuda.cu), D in {64, 128}.
+    cuda    T == 1 forward (split-K decode kernel in csrc/prefix_attention_cuda.cu): one CTA per
+            (b, kv head, split) for the whole GQA group, the selected slots packed into one
+            split; D in {64, 128}, fp32/fp16/bf16, kk <= 64. Between cuda and triton for decode,
+            DECODE_ORDER_CUDA decides (awaiting the GPU measurement).
     cpu     T == 1 forward, C++ (csrc/prefix_attention_cpu.cpp), threaded over B*Hkv.
     torch   plain PyTorch: the selected slots gathered (index_select) and one SDPA call with a
             float mask carrying log w; with no prefixes, SDPA with a boolean mask. This backend
@@ -262,16 +265,51 @@ def _needs_grad(*ts):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def _triton_case(q, has_prefix, grad):
+# Decode (T = 1, no grad) on a GPU: which fused kernel runs when both can serve the call.
+# AWAITS THE GPU RUN: this order is to be set by measurement, benchmarks/spec6.py timing both on
+# SPEC §6's decode shape. Until then it follows the only measurement this repo has, the SASS of
+# the two main loops (sm_90, fp16, D = 128; tests/test_sass_budget_attention.py), per 16 B of K/V
+# against the 111-145 instructions an SM can issue at full HBM bandwidth: Triton's split kernel
+# (tensor-core q.k^T and p.v for the whole GQA group, cp.async tiles) issues ~24 at any G <= 16;
+# the CUDA kernel 36 at G = 1, 90 at G = 4, 164 at G = 8 (fp32 FMAs per query head).
+DECODE_ORDER_CUDA = ("triton", "cuda")
+_CUDA_DECODE_MAX_SLOTS = 64   # pamath::kMaxSlots: the packed-prefix table in shared memory
+
+
+def _triton_kernel_case(q, has_prefix, grad, kk=0):
     D = q.shape[3]
     return (D & (D - 1)) == 0 and 16 <= D <= 128
 
 
-def _cuda_case(q, has_prefix, grad):
-    return not grad and q.shape[2] == 1 and q.shape[3] in (64, 128) and _backend.ext_has("prefix_attention_cuda")
+def _cuda_kernel_case(q, has_prefix, grad, kk=0):
+    return (not grad and q.shape[2] == 1 and q.shape[3] in (64, 128) and kk <= _CUDA_DECODE_MAX_SLOTS
+            and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and _backend.ext_has("prefix_attention_cuda"))
 
 
-def _cpu_case(q, has_prefix, grad):
+def _decode_choice(q, has_prefix, grad, kk):
+    """GPU decode with no forced backend: the first of DECODE_ORDER_CUDA that can run the call
+    (None where the table does not apply, or neither can)."""
+    if q.device.type != "cuda" or q.shape[2] != 1 or grad or _backend.forced(_OP) is not None:
+        return None
+    case = {"cuda": _cuda_kernel_case, "triton": _triton_kernel_case}
+    for b in DECODE_ORDER_CUDA:
+        if case[b](q, has_prefix, grad, kk) and _backend.why_not(b, q.device, (b,)) is None:
+            return b
+    return None
+
+
+def _triton_case(q, has_prefix, grad, kk=0):
+    return _triton_kernel_case(q, has_prefix, grad, kk) and \
+        _decode_choice(q, has_prefix, grad, kk) in (None, "triton")
+
+
+def _cuda_case(q, has_prefix, grad, kk=0):
+    return _cuda_kernel_case(q, has_prefix, grad, kk) and \
+        _decode_choice(q, has_prefix, grad, kk) in (None, "cuda")
+
+
+def _cpu_case(q, has_prefix, grad, kk=0):
     return not grad and q.shape[2] == 1 and _backend.ext_has("prefix_attention_cpu")
 
 
@@ -324,7 +362,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # 0.049 vs 0.160 ms at B=1, 0.234 vs 0.360 ms at B=8).
     if not has_prefix and q.device.type == "cpu" and _backend.forced(_OP) is None and (q.shape[2] > 1 or grad):
         return _run_torch(*args)
-    impl = _backend.dispatch(_OP, q.device, q, has_prefix, grad)
+    kk = prefix_index.shape[1] if has_prefix else 0
+    impl = _backend.dispatch(_OP, q.device, q, has_prefix, grad, kk)
     if has_prefix:       # values: checked on the host, or made harmless on the device (docstring)
         E, P = prefix_k.shape[0], prefix_k.shape[1]
         if _host_checks_allowed(q):
