@@ -16,6 +16,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matmul_backward_cpu", &mops::int4_matmul_backward_cpu, "dx = dy @ W, W block-quantized, CPU");
   m.def("prefix_attention_cpu", &mops::prefix_attention_cpu,
         "gated prefix attention, decode (T = 1), pool read through the index, CPU");
+  m.def("cpu_isa", &mops::isa::request, py::arg("want") = "",
+        "the CPU kernels' instruction set: '' reads it, 'auto' (CPUID), 'base' or 'avx2' (refused "
+        "without AVX2/FMA/F16C) set it; returns the active one");
+  m.def("_pretend_cpu", &mops::isa::pretend_cpu, py::arg("has_avx2"),
+        "tests only: CPUID answers as a CPU with (1) or without (0) AVX2/FMA/F16C; -1 the real one");
   // ---- CUDA --------------------------------------------------------------------------------
 #ifdef WITH_CUDA
   m.def("prefix_attention_cuda", &mops::prefix_attention_cuda,
