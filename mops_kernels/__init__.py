@@ -2,7 +2,8 @@
 
 Public names (SPEC.md): the ops `prefix_attention`, `gate_topk`, `int4_quantize`, `int4_matmul`,
 `rational`; the modules `Int4Linear`, `PromptBank`, `SmartGate`, `InstructionPromptGenerator`,
-`MixtureOfPrompts`; the Hugging Face side `load_backbone`, `attach`, `detach`.
+`MixtureOfPrompts`; the Hugging Face side `load_backbone`, `attach`, `detach`, `attached` (a context
+manager), `from_peft`.
 
 Everything is imported lazily: `import mops_kernels` loads neither the compiled extension nor
 transformers; each name is resolved on first use.
@@ -31,6 +32,7 @@ _LAZY = {
     "load_backbone": "mops_kernels.integrations.backbone",
     "attach": "mops_kernels.integrations.hf",
     "detach": "mops_kernels.integrations.hf",
+    "attached": "mops_kernels.integrations.hf",
     "from_peft": "mops_kernels.integrations.peft_import",
     "Engine": "mops_kernels.serving.engine",
     "load_shipped": "mops_kernels.shipped",
