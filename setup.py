@@ -3,7 +3,9 @@
 The extension holds the C++ CPU kernels (always, when a C++ compiler works) and the CUDA kernels
 (when torch has CUDA and nvcc is found; MOPS_SKIP_CUDA_BUILD=1 skips them). A failed build of the
 extension is a warning, not an error: the package then runs on Triton or the PyTorch reference.
-MOPS_REQUIRE_EXTENSION=1 turns that warning into an error (CI uses it).
+MOPS_REQUIRE_EXTENSION=1 turns that warning into an error (CI uses it). The C++ kernels are built
+for the architecture's baseline ISA and choose their AVX2 copies at run time; MOPS_NATIVE=1 builds
+for this machine's CPU (-march=native: the result may not run on an older one).
 """
 import glob
 import os
@@ -30,7 +32,12 @@ def _ext_modules():
     nvcc = ce.CUDA_HOME is not None and (shutil.which("nvcc") or os.path.exists(
         os.path.join(ce.CUDA_HOME or "", "bin", "nvcc")))
     with_cuda = (not skip_cuda) and torch.version.cuda is not None and bool(nvcc)
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-march=native", "-ffp-contract=fast"]
+    # The baseline ISA of the compiler's target, so a wheel runs on any CPU of the architecture: the
+    # AVX2/FMA/F16C kernels are compiled apart (target pragmas) and picked at run time by CPUID
+    # (csrc/cpu_isa.h). MOPS_NATIVE=1 compiles everything for this machine's CPU instead.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+    if os.environ.get("MOPS_NATIVE", "0") == "1":
+        cxx.append("-march=native")
     if with_cuda:
         macros = [("WITH_CUDA", None)]
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -73,9 +80,11 @@ setup(
     # torch is deliberately not pinned here: scripts/setup.sh installs the CPU build on CPU
     # machines; a bare requirement would pull a multi-GB CUDA build into a fresh environment.
     install_requires=["numpy", "safetensors", "tqdm"],
+    # Floors measured: transformers 5.0.0 fails the HF tests (attention-mask interface) and gguf 0.14
+    # the GGUF reader tests (0.16 passes); transformers is floored at the version CI runs.
     extras_require={
-        "hf": ["transformers>=4.46", "gguf>=0.10", "sentencepiece", "tokenizers"],
-        "test": ["pytest", "pytest-benchmark"],
+        "hf": ["transformers>=5.23,<6", "gguf>=0.16,<1", "peft>=0.21,<1", "sentencepiece", "tokenizers"],
+        "test": ["pytest"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

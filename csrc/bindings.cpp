@@ -20,6 +20,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the CUDA decode kernel's decomposition run on the host (tests): same args + num_sms");
   m.def("prefix_attention_cuda_plan", &mops::prefix_attention_cuda_plan,
         "the CUDA decode kernel's launch plan (grids, splits) for (B, Hq, Hkv, S, D, elt, has_prefix, num_sms)");
+  m.def("cpu_isa", &mops::isa::request, py::arg("want") = "",
+        "the CPU kernels' instruction set: '' reads it, 'auto' (CPUID), 'base' or 'avx2' (refused "
+        "without AVX2/FMA/F16C) set it; returns the active one");
+  m.def("_pretend_cpu", &mops::isa::pretend_cpu, py::arg("has_avx2"),
+        "tests only: CPUID answers as a CPU with (1) or without (0) AVX2/FMA/F16C; -1 the real one");
   // ---- CUDA --------------------------------------------------------------------------------
 #ifdef WITH_CUDA
   m.def("prefix_attention_cuda", &mops::prefix_attention_cuda,

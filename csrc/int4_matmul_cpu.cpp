@@ -3,6 +3,8 @@
 //   int4_matmul_backward_cpu(dy [M, N], qweight, scale, min, group_size, bits) -> dx [M, K]
 // Kernels: int4_matmul_cpu_kernel.h. M <= 16 runs the fused GEMV kernels (each decoded chunk is
 // reused for all M rows); larger M dequantizes tiles of rows to fp32 and calls at::mm per tile.
+// The GEMV kernels exist twice: the baseline copy here (namespace int4cpu::base) and the AVX2 one
+// (int4_matmul_cpu_avx2.cpp); each call takes the one cpu_isa.h says this CPU runs.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -18,13 +20,24 @@
 
 #include <unistd.h>
 
+#define MOPS_INT4_ISA base
+#include "cpu_isa.h"
 #include "int4_matmul_cpu_kernel.h"
 #include "ops.h"
 
 namespace mops {
+namespace int4cpu {
+// int4_matmul_cpu_avx2.cpp (x86 only: never called elsewhere, cpu_isa says base there)
+void q4_chunk_avx2(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s,
+                   const uint16_t* mn, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
+                   int64_t pass, int64_t b, int64_t e);
+void q8_chunk_avx2(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M,
+                   int64_t N, int64_t K, int64_t G, int64_t pass, int64_t b, int64_t e);
+}  // namespace int4cpu
+
 namespace {
 
-constexpr int64_t kMaxGemvM = 16;
+using int4cpu::base::kMaxGemvM;
 
 // GEMV calls with fewer multiply-adds (M * N * K) than this run on the calling thread alone: below
 // it a helper's share is shorter than what it costs to hand it over.
@@ -46,7 +59,7 @@ void check_weight(const at::Tensor& qweight, const at::Tensor& scale, const c10:
               "int4_matmul: qweight must be a contiguous 2-D tensor [N, K/2] (4-bit) or [N, K] (8-bit)");
   TORCH_CHECK(qweight.scalar_type() == (bits == 4 ? at::kByte : at::kChar),
               "int4_matmul: qweight must be ", bits == 4 ? "uint8" : "int8", " for bits=", bits);
-  TORCH_CHECK(group_size % int4cpu::kChunk == 0 && group_size > 0,
+  TORCH_CHECK(group_size % int4cpu::base::kChunk == 0 && group_size > 0,
               "int4_matmul: group_size must be a positive multiple of 32, got ", group_size);
   const int64_t N = qweight.size(0);
   const int64_t K = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
@@ -75,7 +88,7 @@ at::Tensor dequant_tile(const at::Tensor& qweight, const at::Tensor& scale, cons
   const uint16_t* s = half_ptr(scale);
   float* o = w.data_ptr<float>();
   at::parallel_for(n0, n1, 16, [&](int64_t b, int64_t e) {
-    int4cpu::dequant_rows(q, s, mins, o + (b - n0) * K, K, G, (int)bits, b, e);
+    int4cpu::base::dequant_rows(q, s, mins, o + (b - n0) * K, K, G, (int)bits, b, e);
   });
   return w;
 }
@@ -265,34 +278,33 @@ void parallel_chunks(int64_t n, int64_t grain, int64_t work, const F& f) {
 
 void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s, const uint16_t* mn,
              float* y, int64_t M, int64_t N, int64_t K, int64_t G) {
-  const int64_t ng = K / G;
   const int64_t pass = rows_per_pass(K);
+#if defined(__x86_64__) || defined(__i386__)
+  const bool avx2 = isa::active() == isa::kAvx2;
+#else
+  const bool avx2 = false;
+#endif
   parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
-    if (M == 1) {
-      const int64_t mid = b + (e - b) / 4 * 4;  // 4 rows per step, then the rest one by one
-      int4cpu::q4_gemv1<4>(xp, xsum, q, s, mn, y, K, G, b, mid);
-      int4cpu::q4_gemv1<1>(xp, xsum, q, s, mn, y, K, G, mid, e);
-      return;
-    }
-    for (int64_t m0 = 0; m0 < M; m0 += pass)  // xp / xsum are zero-padded to a multiple of 4 rows
-      int4cpu::q4_rows<4, kMaxGemvM>(xp + m0 * K, xsum + m0 * ng, q, s, mn, y + m0 * N,
-                                     std::min(pass, M - m0), N, K, G, b, e);
+#if defined(__x86_64__) || defined(__i386__)
+    if (avx2) return int4cpu::q4_chunk_avx2(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e);
+#endif
+    int4cpu::base::q4_chunk(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e);
   });
 }
 
 void gemv_q8(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M, int64_t N,
              int64_t K, int64_t G) {
   const int64_t pass = rows_per_pass(K);
+#if defined(__x86_64__) || defined(__i386__)
+  const bool avx2 = isa::active() == isa::kAvx2;
+#else
+  const bool avx2 = false;
+#endif
   parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
-    for (int64_t m0 = 0; m0 < M; m0 += pass) {
-      const int64_t mm = std::min(pass, M - m0);
-      if (mm == 1)
-        int4cpu::q8_rows<1>(xp + m0 * K, q, s, y + m0 * N, mm, N, K, G, b, e);
-      else if (mm <= 4)
-        int4cpu::q8_rows<4>(xp + m0 * K, q, s, y + m0 * N, mm, N, K, G, b, e);
-      else
-        int4cpu::q8_rows<16>(xp + m0 * K, q, s, y + m0 * N, mm, N, K, G, b, e);
-    }
+#if defined(__x86_64__) || defined(__i386__)
+    if (avx2) return int4cpu::q8_chunk_avx2(xp, q, s, y, M, N, K, G, pass, b, e);
+#endif
+    int4cpu::base::q8_chunk(xp, q, s, y, M, N, K, G, pass, b, e);
   });
 }
 
@@ -325,7 +337,7 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     float* xsum = xp + Mpad * K;
     std::fill(xp + M * K, xp + Mpad * K, 0.f);  // padding rows: zeros
     std::fill(xsum + M * ng, xsum + Mpad * ng, 0.f);
-    int4cpu::prepare_x(xf.data_ptr<float>(), xp, xsum, M, K, group_size, (int)bits);
+    int4cpu::base::prepare_x(xf.data_ptr<float>(), xp, xsum, M, K, group_size, (int)bits);
     at::Tensor y = at::empty({M, N}, xf.options());
     if (bits == 4)
       gemv_q4(xp, xsum, qweight.data_ptr<uint8_t>(), half_ptr(scale), mn, y.data_ptr<float>(), M, N,

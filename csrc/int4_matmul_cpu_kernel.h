@@ -18,21 +18,29 @@
 // independent chains hide the FMA latency and each x load serves 4 rows; the group scale is applied
 // once per 64-column chunk to the partial dot product. M = 2..16: each decoded chunk is reused for
 // all M rows of x (tiles of 4 rows) before the next one is read.
-// AVX2 + FMA + F16C intrinsics when compiled with them (-march=native), else a scalar fallback.
+//
+// Instruction sets: this header is compiled twice, into namespace MOPS_INT4_ISA. int4_matmul_cpu.cpp
+// includes it as `base` (scalar code, any CPU: the build's baseline ISA); int4_matmul_cpu_avx2.cpp as
+// `avx2` with MOPS_INT4_AVX2 defined, under a target pragma (AVX2 + FMA + F16C intrinsics) whatever
+// the build flags. The glue runs the avx2 copy only when CPUID says the CPU has all three (cpu_isa.h).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#ifndef MOPS_INT4_ISA
+#error "define MOPS_INT4_ISA (base or avx2) before including int4_matmul_cpu_kernel.h"
+#endif
+#ifdef MOPS_INT4_AVX2
 #include <immintrin.h>
-#define MOPS_INT4_AVX2 1
 #endif
 
 namespace mops {
 namespace int4cpu {
+namespace MOPS_INT4_ISA {
 
 constexpr int kChunk = 32;  // columns per decoded chunk (the smallest group size)
+constexpr int64_t kMaxGemvM = 16;  // rows of x the GEMV kernels take per call
 
 inline float half_to_float(uint16_t h) {
 #ifdef MOPS_INT4_AVX2
@@ -263,6 +271,7 @@ void q4_rows(const float* xp, const float* xsum, const uint8_t* qw, const uint16
     }
     for (int m = 0; m < mm; ++m) y[m * N + n] = hsum256(acc[m]) + tail[0][m];
 #else
+    (void)mpad;  // the scalar path needs no padded rows
     for (int m = 0; m < mm; ++m)
       y[m * N + n] = q4_dot_scalar(xp + m * K, row, scale + n * ng, K64, G) + tail[0][m];
 #endif
@@ -343,5 +352,36 @@ inline void dequant_rows(const uint8_t* qw, const uint16_t* scale, const uint16_
   }
 }
 
+// One thread's share of a GEMV call (M <= kMaxGemvM): output rows [b, e) of y [M, N], rows of x
+// in passes of `pass` (xp / xsum zero-padded to a multiple of 4 rows).
+inline void q4_chunk(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s,
+                     const uint16_t* mn, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
+                     int64_t pass, int64_t b, int64_t e) {
+  const int64_t ng = K / G;
+  if (M == 1) {
+    const int64_t mid = b + (e - b) / 4 * 4;  // 4 rows per step, then the rest one by one
+    q4_gemv1<4>(xp, xsum, q, s, mn, y, K, G, b, mid);
+    q4_gemv1<1>(xp, xsum, q, s, mn, y, K, G, mid, e);
+    return;
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += pass)
+    q4_rows<4, kMaxGemvM>(xp + m0 * K, xsum + m0 * ng, q, s, mn, y + m0 * N,
+                          pass < M - m0 ? pass : M - m0, N, K, G, b, e);
+}
+
+inline void q8_chunk(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M,
+                     int64_t N, int64_t K, int64_t G, int64_t pass, int64_t b, int64_t e) {
+  for (int64_t m0 = 0; m0 < M; m0 += pass) {
+    const int64_t mm = pass < M - m0 ? pass : M - m0;
+    if (mm == 1)
+      q8_rows<1>(xp + m0 * K, q, s, y + m0 * N, mm, N, K, G, b, e);
+    else if (mm <= 4)
+      q8_rows<4>(xp + m0 * K, q, s, y + m0 * N, mm, N, K, G, b, e);
+    else
+      q8_rows<16>(xp + m0 * K, q, s, y + m0 * N, mm, N, K, G, b, e);
+  }
+}
+
+}  // namespace MOPS_INT4_ISA
 }  // namespace int4cpu
 }  // namespace mops

@@ -2,6 +2,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include "cpu_isa.h"   // cpu_isa / _pretend_cpu: the CPU kernels' instruction set
+
 namespace mops {
 
 // ---- CPU ------------------------------------------------------------------------------------

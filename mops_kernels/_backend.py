@@ -257,6 +257,7 @@ def describe() -> dict:
         "extension": None if mod is None else getattr(mod, "__file__", "built"),
         "extension_error": None if err is None else repr(err),
         "extension_cuda": extension_has_cuda(),
+        "cpu_isa": mod.cpu_isa() if mod is not None and hasattr(mod, "cpu_isa") else None,
         "triton": has_triton(),
         "triton_interpret": triton_interpret(),
         "forced": os.environ.get("MOPS_BACKEND") or None,
