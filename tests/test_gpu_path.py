@@ -262,7 +262,7 @@ def test_expert_index_checked_where_it_enters(backbones):
     with pytest.raises(ValueError, match=r"^expert_index out of range"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1,
                        expert_index=torch.tensor([[5], [0]]), **GEN)
-    with pytest.raises(ValueError, match=r"^expert_weight must be >= 0"):
+    with pytest.raises(ValueError, match=r"^expert_weight must be finite and >= 0"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1,
                        expert_index=torch.tensor([[1], [0]]), expert_weight=torch.tensor([[-1.0], [1.0]]), **GEN)
 

@@ -142,6 +142,14 @@ def _repack_nibbles(qs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(packed).reshape(qs.shape[0], -1))
 
 
+def _check_finite(path: str, name: str, what: str, t: torch.Tensor) -> None:
+    """A NaN/inf scale or weight would give NaN logits at run time: refuse the file instead."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise GGUFImportError(f"{path}: tensor {name}: {what} hold {int(bad.sum())} non-finite values "
+                              f"(NaN/inf), first at {tuple(int(i) for i in bad.nonzero()[0])}")
+
+
 def import_tensor(t, *, row_perm: np.ndarray | None = None, path: str = "") -> Union[QuantizedWeight, torch.Tensor]:
     """One GGUF tensor -> QuantizedWeight (Q4_1/Q4_0: bits 4, Q8_0: bits 8) or a float32 tensor.
 
@@ -152,6 +160,7 @@ def import_tensor(t, *, row_perm: np.ndarray | None = None, path: str = "") -> U
     data = np.asarray(t.data)
     if kind in ("F32", "F16"):
         w = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
+        _check_finite(path, t.name, "the weight", w)
         return w[torch.from_numpy(row_perm)] if row_perm is not None else w
     if kind not in ("Q4_1", "Q4_0", "Q8_0"):
         raise GGUFImportError(f"{path}: tensor {t.name} has unsupported type {kind}")
@@ -164,11 +173,16 @@ def import_tensor(t, *, row_perm: np.ndarray | None = None, path: str = "") -> U
         raw = raw[row_perm]
     if kind == "Q8_0":
         q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(N, K))
-        return QuantizedWeight(q, _rows_fp16(raw, 0).contiguous(), None, (N, K), BLOCK, 8)
+        d = _rows_fp16(raw, 0)
+        _check_finite(path, t.name, "the Q8_0 scales d", d)
+        return QuantizedWeight(q, d.contiguous(), None, (N, K), BLOCK, 8)
     if kind == "Q4_1":
         d, m, qs = _rows_fp16(raw, 0), _rows_fp16(raw, 2), raw[..., 4:]
+        _check_finite(path, t.name, "the Q4_1 scales d", d)
+        _check_finite(path, t.name, "the Q4_1 mins m", m)
     else:  # Q4_0: w = (q - 8) d = q d + (-8 d); -8 d is exact in fp16 unless it overflows
         d, qs = _rows_fp16(raw, 0), raw[..., 2:]
+        _check_finite(path, t.name, "the Q4_0 scales d", d)
         m = (d.float() * -8).half()
         bad = torch.isinf(m) & torch.isfinite(d)
         if bool(bad.any()):

@@ -422,6 +422,14 @@ def _check(hidden, mask, w1, b1, w2, b2, k, activation):
     for name, t in (("mask", mask), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    # A NaN/inf hidden state or gate parameter makes NaN scores: top-k of NaN is no routing. One
+    # host read for all five (this runs once per request, at prefill).
+    named = (("hidden", hidden), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if not bool(ok.all()):
+        bad = [name for (name, _), good in zip(named, ok.tolist()) if not good]
+        raise ValueError(f"gate_topk: {', '.join(bad)} has non-finite values (NaN/inf); the gate cannot "
+                         f"rank experts")
 
 
 def gate_topk(hidden: torch.Tensor, mask: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,

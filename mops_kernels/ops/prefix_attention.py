@@ -140,7 +140,7 @@ def _check(q, k, v, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens
 
 def check_prefix_values(prefix_index, prefix_weight, prefix_lens, E: int, P: int,
                         names=("prefix_index", "prefix_weight", "prefix_lens")) -> None:
-    """ValueError unless index in [-1, E), weight >= 0, lens in [0, P] (any of them may be None).
+    """ValueError unless index in [-1, E), weight finite and >= 0, lens in [0, P] (any may be None).
 
     Reads the values back on the host (a device sync each on a GPU): call it where data enters,
     not per layer. `names` are the argument names the messages use (e.g. generate's expert_index)."""
@@ -149,8 +149,9 @@ def check_prefix_values(prefix_index, prefix_weight, prefix_lens, E: int, P: int
         lo, hi = int(prefix_index.min()), int(prefix_index.max())
         if lo < -1 or hi >= E:
             raise ValueError(f"{n_idx} out of range: values must lie in [-1, E={E}), got [{lo}, {hi}]")
-    if prefix_weight is not None and prefix_weight.numel() and bool((prefix_weight < 0).any()):
-        raise ValueError(f"{n_w} must be >= 0 (w == 0 excludes a slot)")
+    if prefix_weight is not None and prefix_weight.numel() and \
+            not bool(((prefix_weight >= 0) & (prefix_weight < math.inf)).all()):
+        raise ValueError(f"{n_w} must be finite and >= 0 (w == 0 excludes a slot), got NaN/inf/negative values")
     if prefix_lens is not None and prefix_lens.numel():
         lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
         if lo < 0 or hi > P:

@@ -132,11 +132,27 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
 
 
+def _check_finite_weight(wg: torch.Tensor, op: str) -> None:
+    if not bool(torch.isfinite(wg).all()):
+        n, g = (int(i) for i in (~torch.isfinite(wg)).any(-1).nonzero()[0])
+        raise ValueError(f"{op}: w has non-finite values (NaN/inf), first in row {n}, group {g}")
+
+
+def _check_fp16_fields(op: str, *fields) -> None:
+    """fp16 scale/min that overflow (|value| > 65504) would dequantize to inf/NaN: refuse them."""
+    for what, half, exact in fields:
+        if not bool(torch.isfinite(half).all()):
+            worst = float(exact.abs().max())
+            raise ValueError(f"{op}: the fp16 {what} overflows for this weight (needs {worst:.4g}, fp16 holds "
+                             f"<= 65504); scale the weight down or keep this layer in float")
+
+
 def int4_quantize(w: torch.Tensor, group_size: int = 32) -> QuantizedWeight:
     """Round-to-nearest asymmetric 4-bit quantization of w [N, K] (GGUF Q4_1 rules).
 
     Per group: scale = (max - min) / 15 and min are rounded to fp16 first, then
     q = clamp(round((w - min16) / scale16), 0, 15), so dequantize() reproduces what was rounded.
+    A non-finite w, or a group whose scale or min does not fit fp16, is a ValueError.
     """
     if w.dim() != 2:
         raise ValueError(f"w must have shape (N, K), got {tuple(w.shape)}")
@@ -148,10 +164,13 @@ def int4_quantize(w: torch.Tensor, group_size: int = 32) -> QuantizedWeight:
     if K % group_size:
         raise ValueError(f"in_features K={K} must be a multiple of group_size {group_size}")
     wg = w.detach().float().reshape(N, K // group_size, group_size)
+    _check_finite_weight(wg, "int4_quantize")
     lo = wg.amin(-1)
     hi = wg.amax(-1)
     scale16 = ((hi - lo) / 15).half()
     min16 = lo.half()
+    _check_fp16_fields("int4_quantize", ("scale = (max - min) / 15", scale16, (hi - lo) / 15),
+                       ("min", min16, lo))
     s = scale16.float().unsqueeze(-1)
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
     q = torch.round((wg - min16.float().unsqueeze(-1)) * inv).clamp_(0, 15)
@@ -159,7 +178,8 @@ def int4_quantize(w: torch.Tensor, group_size: int = 32) -> QuantizedWeight:
 
 
 def int8_quantize(w: torch.Tensor, group_size: int = GROUP_SIZE_8BIT) -> QuantizedWeight:
-    """Round-to-nearest symmetric 8-bit quantization of w [N, K] (GGUF Q8_0 rules: d = amax/127)."""
+    """Round-to-nearest symmetric 8-bit quantization of w [N, K] (GGUF Q8_0 rules: d = amax/127).
+    A non-finite w, or a d that does not fit fp16, is a ValueError."""
     if w.dim() != 2:
         raise ValueError(f"w must have shape (N, K), got {tuple(w.shape)}")
     if group_size != GROUP_SIZE_8BIT:
@@ -168,7 +188,9 @@ def int8_quantize(w: torch.Tensor, group_size: int = GROUP_SIZE_8BIT) -> Quantiz
     if K % group_size:
         raise ValueError(f"in_features K={K} must be a multiple of group_size {group_size}")
     wg = w.detach().float().reshape(N, K // group_size, group_size)
+    _check_finite_weight(wg, "int8_quantize")
     d16 = (wg.abs().amax(-1) / 127).half()
+    _check_fp16_fields("int8_quantize", ("scale = amax / 127", d16, wg.abs().amax(-1) / 127))
     d = d16.float().unsqueeze(-1)
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(wg * inv).clamp_(-127, 127).to(torch.int8)
