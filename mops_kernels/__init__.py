@@ -2,8 +2,8 @@
 
 Public names (SPEC.md): the ops `prefix_attention`, `gate_topk`, `int4_quantize`, `int4_matmul`,
 `rational`; the modules `Int4Linear`, `PromptBank`, `SmartGate`, `InstructionPromptGenerator`,
-`MixtureOfPrompts`; the Hugging Face side `load_backbone`, `attach`, `detach`, `quantize_` and `MopsQuantConfig`
-(transformers' `quantization_config`).
+`MixtureOfPrompts`; the Hugging Face side `load_backbone`, `attach`, `detach`, `attached` (a context
+manager), `from_peft`, `quantize_` and `MopsQuantConfig` (transformers' `quantization_config`).
 
 Everything is imported lazily: `import mops_kernels` loads neither the compiled extension nor
 transformers; each name is resolved on first use.
@@ -34,6 +34,7 @@ _LAZY = {
     "detach": "mops_kernels.integrations.hf",
     "quantize_": "mops_kernels.integrations.quantize",
     "MopsQuantConfig": "mops_kernels.integrations.quantize",
+    "attached": "mops_kernels.integrations.hf",
     "from_peft": "mops_kernels.integrations.peft_import",
     "Engine": "mops_kernels.serving.engine",
     "load_shipped": "mops_kernels.shipped",

@@ -8,9 +8,12 @@ forwards from the model's forward call down to the attention function, which cal
 `mops_prefix.prefix(layer_idx, device)` -> (prefix_k, prefix_v, index, weight, lens).
 
 What attach does, on the model instance only (detach restores all of it):
-- `model.config._attn_implementation` -> "mops" (our prefix attention, SPEC §1);
+- `model.set_attn_implementation("mops")` (our prefix attention, SPEC §1; detach restores the old one);
 - `model.forward` / `model.generate` wrapped: they accept `expert_index` [B, k] and `expert_weight`
-  [B, k] and carry a `_Request` (the experts of each row, the 2-D padding mask, IAPT prefixes);
+  [B, k] (one row per prompt, exactly) and carry a `_Request` (the experts of each row, the 2-D
+  padding mask, IAPT prefixes) that belongs to the call (a context variable), not to the model, so
+  concurrent generate() calls on one model never see each other's experts;
+- `copy.deepcopy(model)` gives an attached copy that runs its own weights and prompts;
 - MoPs: a forward hook on decoder layer `gate.gate_layer` runs the gate on the hidden state after that
   layer (masked mean over the prompt tokens) at prefill, in the same forward pass; the chosen experts
   stay with each row for every decode step (beams of one request share them);
@@ -20,9 +23,13 @@ Any transformers cache works (dynamic, StaticCache / cache_implementation="stati
 caches), and Mistral's / Qwen2's sliding windows are applied: attention.py says how.
 `quantize=True` also swaps every nn.Linear of the decoder for an Int4Linear (irreversible).
 Everything is validated before anything is touched: a ValueError names the mismatch.
+`with attached(model, prompts):` attaches for the block and detaches after it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import functools
 import inspect
 from typing import Optional
@@ -127,6 +134,8 @@ def validate(model, plan):
             if pk.dim() != 4 or pk.shape[2] != Hkv or pk.shape[3] != D:
                 raise ValueError(f"attach: prompt bank layer {l} has prefix_k {tuple(pk.shape)}, model needs "
                                  f"[E, P, Hkv={Hkv}, D={D}]")
+            if not bool(torch.isfinite(kv[0]).all() & torch.isfinite(kv[1]).all()):
+                raise ValueError(f"attach: prompt bank layer {l} has non-finite keys/values (NaN/inf)")
             if l < plan.inject_from:
                 raise ValueError(f"attach: prompt bank has layer {l} < inject_from={plan.inject_from}")
     if plan.gate is not None:
@@ -144,6 +153,7 @@ def validate(model, plan):
     if plan.prompts is not None and hasattr(plan.prompts, "check_compatible"):
         plan.prompts.check_compatible(model)      # raises ValueError naming the mismatch
     _check_placement(model, plan, L)
+    check_finite_prompts(plan)
     return layers
 
 
@@ -185,6 +195,18 @@ def _check_placement(model, plan, num_layers):
                 check(f"{what} tensor {name!r}", t, None)
 
 
+def check_finite_prompts(plan):
+    """ValueError naming the first gate / generator tensor with NaN or inf values (the bank's layers
+    are checked by validate as it reads them)."""
+    for owner, mod in (("gate", plan.gate), ("generator", plan.generator)):
+        mod = getattr(mod, "generator", mod)          # the trainer's instruction-mask wrapper
+        if not isinstance(mod, torch.nn.Module):
+            continue
+        for name, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"attach: prompts {owner}.{name} has non-finite values (NaN/inf)")
+
+
 def check_expert_index(index, weight, num_experts):
     """Validate explicit slots: index [B, k] int in [-1, E), weight [B, k] >= 0 or None."""
     if index is None:
@@ -210,25 +232,32 @@ def check_expert_index(index, weight, num_experts):
 # Per-request state, carried as the `mops_prefix` keyword through every layer.
 # --------------------------------------------------------------------------------------------
 class _Request:
-    def __init__(self, plan, index=None, weight=None):
+    def __init__(self, plan, index=None, weight=None, expand=1):
         self.plan = plan
         self.index = None if index is None else index.to(torch.int32)
         self.weight = None if weight is None else weight.float()
+        self.expand = expand      # generate's rows per prompt (beams / returned sequences)
         self.mask = None          # [B, S] 1 = real token, for the current forward
         self.prefill = True       # the first forward of this request set (gate, IAPT run here)
         self.iapt = {}            # layer -> (k [B, 4, Hkv, D], v)
 
     def begin(self, batch, mask):
-        """Called before each forward: batch rows (beams expanded) and the 2-D mask."""
+        """Called before each forward: batch rows (beams expanded) and the 2-D mask. Explicit slots
+        have one row per prompt (generate repeats them for its beams / returned sequences) or one
+        per batch row; any other count is an error, never a silent repeat."""
         for name in ("index", "weight"):
             t = getattr(self, name)
-            if t is not None and t.shape[0] != batch:
-                if batch % t.shape[0]:
-                    raise ValueError(f"expert_index has {t.shape[0]} rows, the batch has {batch}")
-                setattr(self, name, t.repeat_interleave(batch // t.shape[0], dim=0))  # beams share experts
-            t = getattr(self, name)
-            if t is not None and mask is not None and t.device != mask.device:
-                setattr(self, name, t.to(mask.device))   # once, not a host-to-device copy per layer
+            if t is None:
+                continue
+            if t.shape[0] != batch:
+                if not (self.expand > 1 and t.shape[0] * self.expand == batch):
+                    raise ValueError(f"expert_index has {t.shape[0]} rows, the batch has {batch // self.expand} "
+                                     f"prompts" + (f" ({batch} rows with {self.expand} beams/sequences each)"
+                                                   if self.expand > 1 else "") + ": give one row per prompt")
+                t = t.repeat_interleave(self.expand, dim=0)       # beams share experts
+            if mask is not None and t.device != mask.device:
+                t = t.to(mask.device)      # once, not a host-to-device copy per layer
+            setattr(self, name, t)
         self.mask = mask
         self.needs_gate = self.prefill and self.index is None and self.plan.gate is not None
 
@@ -255,7 +284,11 @@ class _Request:
 class _Attached:
     def __init__(self, plan, attn_impl, hooks):
         self.plan, self.attn_impl, self.hooks = plan, attn_impl, hooks
-        self.current: Optional[_Request] = None     # set by generate for all its forwards
+
+
+# The request of the generate() call running in this thread / task, as (attached state, request):
+# per call, never on the model, so two threads generating on one model each keep their own experts.
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("mops_current_request", default=(None, None))
 
 
 def _padding_mask(mask, batch, length, device):
@@ -317,7 +350,8 @@ def attach(model, prompts=None, *, quantize=False):
     def forward(*args, expert_index=None, expert_weight=None, mops_prefix=None, **kwargs):
         if args:                                     # forward(input_ids, ...)
             kwargs.update(zip(list(inspect.signature(orig_forward).parameters)[:len(args)], args))
-        req = mops_prefix or state.current
+        owner, current = _CURRENT.get()
+        req = mops_prefix or (current if owner is state else None)
         if req is None:
             check_expert_index(expert_index, expert_weight, plan.num_experts)
             req = _Request(plan, expert_index, expert_weight)
@@ -343,24 +377,63 @@ def attach(model, prompts=None, *, quantize=False):
         check_expert_index(expert_index, expert_weight, plan.num_experts)
         if plan.bank is not None and plan.gate is None and expert_index is None:
             raise ValueError("generate: this prompt bank has no gate; pass expert_index=[B, k]")
-        state.current = _Request(plan, expert_index, expert_weight)
+        expand = _expand_size(model, kwargs)
+        if expert_index is not None:
+            prompts = _prompt_rows(args, kwargs)
+            if prompts is not None and expert_index.shape[0] not in (prompts, prompts * expand):
+                raise ValueError(f"expert_index has {expert_index.shape[0]} rows, the batch has {prompts} "
+                                 f"prompts: give one row per prompt" +
+                                 (f" (or {prompts * expand}, one per beam/sequence)" if expand > 1 else ""))
+        token = _CURRENT.set((state, _Request(plan, expert_index, expert_weight, expand)))
         try:
             return orig_generate(*args, **kwargs)
         finally:
-            state.current = None
+            _CURRENT.reset(token)
+
+    def deepcopy(memo):
+        """A copy that runs its own weights: the original is detached while it is copied (so no
+        hook or wrapper of the original travels), then both are attached, the copy to a copy of
+        the prompts."""
+        prompts = plan.prompts
+        detach(model)
+        try:
+            clone = copy.deepcopy(model, memo)
+            clone_prompts = copy.deepcopy(prompts, memo)
+        finally:
+            attach(model, prompts)
+        return attach(clone, clone_prompts)
 
     model.forward, model.generate = forward, generate
-    _set_attn(model, ATTN_NAME)
+    model.__deepcopy__ = deepcopy
+    model.set_attn_implementation(ATTN_NAME)
     model._mops_attached = state
     return model
 
 
-def _set_attn(model, name):
-    # Every sub-config shares the name through config._attn_implementation; set it on all of them.
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            cfg._attn_implementation = name
+def _prompt_rows(args, kwargs):
+    """Rows of the prompt batch handed to generate (None when it cannot be seen)."""
+    x = args[0] if args else next((kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds")
+                                   if kwargs.get(k) is not None), None)
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+
+
+def _expand_size(model, kwargs):
+    """How many rows generate() makes of each prompt (transformers: max(num_beams, num_return_sequences))."""
+    gc = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
+    seqs = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+    return max(int(beams), int(seqs))
+
+
+@contextlib.contextmanager
+def attached(model, prompts=None, *, quantize=False):
+    """`with attached(model, prompts):` runs `model` with `prompts` inside the block and detaches on
+    the way out (errors included). Yields the model."""
+    attach(model, prompts, quantize=quantize)
+    try:
+        yield model
+    finally:
+        detach(model)
 
 
 def detach(model):
@@ -370,8 +443,8 @@ def detach(model):
         raise ValueError("detach: nothing is attached to this model")
     for h in state.hooks:
         h.remove()
-    for name in ("forward", "generate"):
+    for name in ("forward", "generate", "__deepcopy__"):
         model.__dict__.pop(name, None)
-    _set_attn(model, state.attn_impl)
+    model.set_attn_implementation(state.attn_impl)
     del model._mops_attached
     return model
