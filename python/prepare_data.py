@@ -1,7 +1,10 @@
 """Build the multi-task BIG-bench cache for MoPs training from the `bigbench` sdist (no install).
 
-    python python/prepare_data.py --out data/bigbench            # finds / downloads the sdist
-    python python/prepare_data.py --sdist /tmp/bb/bigbench-1.0.0.tar.gz --out data/bigbench
+    python python/prepare_data.py --out data/bigbench            # OUT/_sdist, else downloaded there
+    python python/prepare_data.py --sdist ~/bigbench-1.0.0.tar.gz --out data/bigbench
+
+The sdist is bigbench 1.0.0 from PyPI, checked by its sha256 (mops_kernels.training.data.BIGBENCH_SHA256)
+wherever it comes from; it is fetched as a file and only read (never built: no `pip download`).
 
 The 10 default tasks are generative (a string target, scored here by LM perplexity), have short
 instructions (most under 100 tokens, so a CPU run fits in an hour) and >= 200 examples, and were picked
@@ -29,7 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mops_kernels.training.data import find_sdist, prepare  # noqa: E402
+from mops_kernels.training.data import check_sdist, find_sdist, prepare  # noqa: E402
 
 DEFAULT_TASKS = ("qa_wikidata", "word_unscrambling", "cryptonite", "tense", "auto_categorization",
                  "object_counting", "matrixshapes", "international_phonetic_alphabet_transliterate",
@@ -38,7 +41,7 @@ DEFAULT_TASKS = ("qa_wikidata", "word_unscrambling", "cryptonite", "tense", "aut
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sdist", help="bigbench-*.tar.gz (default: found in /tmp/bb or pip's cache, else downloaded)")
+    ap.add_argument("--sdist", help="bigbench-1.0.0.tar.gz (checked by sha256; default: OUT/_sdist, else downloaded there)")
     ap.add_argument("--out", required=True, help="cache directory to write")
     ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     ap.add_argument("--seed", type=int, default=0)
@@ -46,7 +49,8 @@ def main(argv=None):
     ap.add_argument("--min-examples", type=int, default=30)
     ap.add_argument("--fractions", default="0.75,0.125,0.125", help="train,validation,test")
     args = ap.parse_args(argv)
-    sdist = args.sdist or find_sdist(["/tmp/bb"], download_dir=os.path.join(args.out, "_sdist"))
+    sdist = (check_sdist(args.sdist) if args.sdist else
+             find_sdist([os.path.join(args.out, "_sdist")], download_dir=os.path.join(args.out, "_sdist")))
     manifest = prepare(sdist, args.out, args.tasks, seed=args.seed, max_examples=args.max_examples,
                        min_examples=args.min_examples,
                        fractions=tuple(float(x) for x in args.fractions.split(",")))

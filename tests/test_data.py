@@ -61,8 +61,9 @@ def test_prepare_splits_are_fixed_by_seed_and_disjoint(sdist, tmp_path):
         data.load_split(out1, "train", ["gamma"])
 
 
-def test_prepare_data_script(sdist, tmp_path):
+def test_prepare_data_script(sdist, tmp_path, monkeypatch):
     import importlib.util
+    monkeypatch.setattr(data, "BIGBENCH_SHA256", data.sha256_file(sdist))   # --sdist is checked by hash
     spec = importlib.util.spec_from_file_location(
         "prepare_data", os.path.join(os.path.dirname(__file__), "..", "python", "prepare_data.py"))
     mod = importlib.util.module_from_spec(spec)

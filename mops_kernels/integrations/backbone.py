@@ -175,6 +175,9 @@ def _from_gguf(path: str, device, dtype):
         return w
 
     _fill(model, get, device, dtype)
+    # The model's name (what a PEFT adapter's base_model_name_or_path is checked against): the
+    # file's name before the quantization suffix, "SmolLM2-135M-Instruct" for the default file.
+    model.config._name_or_path = model.name_or_path = os.path.basename(path).split(".")[0]
     return model, _gguf_tokenizer(path, ckpt)
 
 

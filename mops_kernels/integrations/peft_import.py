@@ -12,12 +12,14 @@ values entry 2l+1, used as past key/values as they are (never rotated), so slot 
 The sequence positions start at P under PEFT (the prefix occupies cache positions 0..P-1), so the
 returned prompts carry `position_offset = P`; attach() shifts position ids by it.
 
-Slot i of the returned bank is adapter i; all adapters must share P and the model's shape.
+Slot i of the returned bank is adapter i; all adapters must share P and the model's shape. Files
+are read with PEFT's own loaders (PeftConfig.from_pretrained, load_peft_weights); an adapter whose
+base_model_name_or_path names another model is refused unless `strict=False`.
 """
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -26,17 +28,15 @@ from ..families import model_dims
 from ..modules.prompts import MixtureOfPrompts, PromptBank
 
 
-def _read_table(path: str, cfg: dict) -> torch.Tensor:
-    """The flattened prefix table [P, L*2*Hkv*D] of one adapter dir."""
-    from safetensors.torch import load_file
-    f = os.path.join(path, "adapter_model.safetensors")
-    if os.path.exists(f):
-        sd = load_file(f)
-    else:
-        f = os.path.join(path, "adapter_model.bin")
-        if not os.path.exists(f):
-            raise ValueError(f"from_peft: {path} has no adapter_model.safetensors")
-        sd = torch.load(f, map_location="cpu", weights_only=True)
+def _read_table(path: str, cfg) -> torch.Tensor:
+    """The flattened prefix table [P, L*2*Hkv*D] of one adapter dir, read by PEFT's own loader
+    (safetensors, or a .bin through torch.load(weights_only=True))."""
+    from peft.utils import load_peft_weights
+    try:
+        sd = load_peft_weights(path, device="cpu")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"from_peft: {path}: PEFT cannot read the adapter weights "
+                         f"(adapter_model.safetensors / .bin): {e}") from None
     if "prompt_embeddings" in sd:
         return sd["prompt_embeddings"].float()
 
@@ -46,28 +46,56 @@ def _read_table(path: str, cfg: dict) -> torch.Tensor:
     emb = get("embedding.weight")
     if emb is None:
         raise ValueError(f"from_peft: {path}: no prompt_embeddings nor prompt encoder weights; keys {list(sd)}")
-    if cfg.get("prefix_projection") and get("transform.0.weight") is not None:
+    if cfg.prefix_projection and get("transform.0.weight") is not None:
         h = torch.tanh(emb @ get("transform.0.weight").T + get("transform.0.bias"))
         return h @ get("transform.2.weight").T + get("transform.2.bias")
     return emb
 
 
-def load_adapter(path: str, model):
-    """(P, {layer: (k [P, Hkv, D], v [P, Hkv, D])}) of one PEFT prefix-tuning adapter dir."""
-    cfg_path = os.path.join(path, "adapter_config.json")
-    if not os.path.exists(cfg_path):
+def _model_name(name) -> str:
+    """'org/Model-Name' or '/path/to/Model-Name' -> 'model-name' (what two spellings share)."""
+    return os.path.basename(str(name).rstrip("/\\")).lower() if name else ""
+
+
+def check_base_model(path: str, base, model, strict: bool = True) -> None:
+    """The adapter's base_model_name_or_path must name the model it attaches to (compared by the last
+    path component, case-insensitive). A mismatch, or a model without a name to compare, is a
+    ValueError unless strict=False (then only a warning)."""
+    want = _model_name(base)
+    if not want:
+        return                                   # the adapter does not say: nothing to compare
+    have = _model_name(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
+    if have == want:
+        return
+    why = (f"was trained on {base!r} but the model is {have!r}" if have else
+           f"was trained on {base!r}; the model has no name_or_path to check it against")
+    msg = f"from_peft: {path} {why}"
+    if strict:
+        raise ValueError(msg + " (pass strict=False to load it anyway)")
+    warnings.warn(msg + "; loading it because strict=False")
+
+
+def load_adapter(path: str, model, strict: bool = True):
+    """(P, {layer: (k [P, Hkv, D], v [P, Hkv, D])}) of one PEFT prefix-tuning adapter dir, read with
+    PEFT's loaders and checked against `model` (base model name unless strict=False, geometry always)."""
+    from peft import PeftConfig
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise ValueError(f"from_peft: {path} has no adapter_config.json")
-    with open(cfg_path) as fh:
-        cfg = json.load(fh)
-    if cfg.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"from_peft: {path} is a {cfg.get('peft_type')} adapter, not PREFIX_TUNING")
+    try:
+        cfg = PeftConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - PEFT raises many kinds on a bad config
+        raise ValueError(f"from_peft: {path}: PEFT cannot read adapter_config.json ({type(e).__name__}: {e})") from None
+    peft_type = getattr(cfg.peft_type, "value", cfg.peft_type)
+    if peft_type != "PREFIX_TUNING":
+        raise ValueError(f"from_peft: {path} is a {peft_type} adapter, not PREFIX_TUNING")
+    check_base_model(path, cfg.base_model_name_or_path, model, strict)
     dims = model_dims(model)
     L, Hkv, D = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]
-    P = int(cfg["num_virtual_tokens"])
-    if cfg.get("num_transformer_submodules", 1) != 1:
+    P = int(cfg.num_virtual_tokens)
+    if (cfg.num_transformer_submodules or 1) != 1:
         raise ValueError(f"from_peft: {path} has num_transformer_submodules="
-                         f"{cfg['num_transformer_submodules']}, only decoder-only models (1) are supported")
-    shape = (cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("token_dim"))
+                         f"{cfg.num_transformer_submodules}, only decoder-only models (1) are supported")
+    shape = (cfg.num_layers, cfg.num_attention_heads, cfg.token_dim)
     if shape != (L, Hkv, Hkv * D):
         raise ValueError(f"from_peft: {path} was trained for (num_layers, kv heads, token_dim)={shape}, "
                          f"the model has {(L, Hkv, Hkv * D)}")
@@ -75,17 +103,20 @@ def load_adapter(path: str, model):
     if tuple(table.shape) != (P, L * 2 * Hkv * D):
         raise ValueError(f"from_peft: {path}: prefix table has shape {tuple(table.shape)}, "
                          f"expected [P={P}, L*2*Hkv*D={L * 2 * Hkv * D}]")
+    if not bool(torch.isfinite(table).all()):
+        raise ValueError(f"from_peft: {path}: the prefix table has non-finite values (NaN/inf)")
     t = table.view(P, L * 2, Hkv, D)
     return P, {l: (t[:, 2 * l], t[:, 2 * l + 1]) for l in range(L)}
 
 
-def from_peft(model, dirs: Sequence[str]):
-    """A MixtureOfPrompts (no gate, slot i = dirs[i], position_offset = P) for `model`."""
+def from_peft(model, dirs: Sequence[str], *, strict: bool = True):
+    """A MixtureOfPrompts (no gate, slot i = dirs[i], position_offset = P) for `model`. Each adapter
+    must name `model` as its base (strict=False: a warning instead) and match its geometry."""
     if isinstance(dirs, (str, os.PathLike)):
         dirs = [dirs]
     if not dirs:
         raise ValueError("from_peft: give at least one adapter directory")
-    adapters = [load_adapter(str(d), model) for d in dirs]        # validate all before building
+    adapters = [load_adapter(str(d), model, strict) for d in dirs]   # validate all before building
     Ps = {P for P, _ in adapters}
     if len(Ps) != 1:
         raise ValueError(f"from_peft: adapters have different num_virtual_tokens {[P for P, _ in adapters]}; "

@@ -12,8 +12,9 @@ Nothing here imports transformers: the backbone is read through its `config` (du
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +35,73 @@ def save_tensors(path: str, tensors: Dict[str, torch.Tensor], config: dict) -> N
               metadata={"config": json.dumps(config)})
 
 
-def load_tensors(path: str, device=None) -> Tuple[Dict[str, torch.Tensor], dict]:
+# What a file may say (its constructor arguments, all required) and checks on each value.
+def _is_int(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+POS_INT = ("a positive int", lambda v: _is_int(v, 1))
+INDEX = ("an int >= 0", lambda v: _is_int(v, 0))
+LAYERS = ("a non-empty list of ints >= 0", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x, 0) for x in v))
+FLOAT_DTYPE = ("one of float32, float16, bfloat16, float64", lambda v: v in _FLOAT_DTYPES)
+NUMBER = ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+OPT_NUMBER = ("a finite number or null", lambda v: v is None or NUMBER[1](v))
+POS_NUMBER = ("a finite number > 0", lambda v: NUMBER[1](v) and v > 0)
+BOOL = ("true or false", lambda v: isinstance(v, bool))
+ACTIVATION = (f"one of {sorted(ACTIVATION_IDS)}", lambda v: v in ACTIVATION_IDS)
+_FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}   # torch -> safetensors
+
+
+def load_tensors(path: str, device=None, *, args: Optional[dict] = None, optional: Optional[dict] = None,
+                 tensors: Optional[Callable[[dict], dict]] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, config) of a file written by save_tensors.
+
+    With `args` ({name: (what, check)}: the constructor arguments a file must name), `optional`
+    (the same for arguments it may name: older files lack them, the constructor's default applies)
+    and `tensors` (config -> {name: (shape, safetensors dtype)}), the metadata and every tensor's
+    shape and dtype are checked against each other from the file's header, before any tensor data
+    is read and before the caller allocates anything: a file cannot make us build what it does
+    not hold. Every error names the file and the field."""
     from safetensors import safe_open
     with safe_open(path, framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         if "config" not in meta:
             raise ValueError(f"{path}: no 'config' in the safetensors metadata (not saved by mops_kernels?)")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            cfg = json.loads(meta["config"])
+        except ValueError as e:
+            raise ValueError(f"{path}: the metadata 'config' is not JSON ({e})") from None
+        if args is not None:
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{path}: the metadata 'config' must be a JSON object, got {type(cfg).__name__}")
+            allowed = {**args, **(optional or {})}
+            unknown, missing = sorted(set(cfg) - set(allowed)), sorted(set(args) - set(cfg))
+            if unknown or missing:
+                raise ValueError(f"{path}: metadata config has unknown arguments {unknown} / lacks {missing}; "
+                                 f"expected {sorted(args)}, optionally {sorted(optional or {})}")
+            for name, (what, ok) in allowed.items():
+                if name in cfg and not ok(cfg[name]):
+                    raise ValueError(f"{path}: metadata {name} must be {what}, got {cfg[name]!r}")
+        if tensors is not None:
+            want, have = tensors(cfg), set(f.keys())
+            if have != set(want):
+                raise ValueError(f"{path}: holds tensors {sorted(have)}, the metadata needs {sorted(want)}")
+            for name, (shape, dtype) in want.items():
+                sl = f.get_slice(name)
+                got_shape, got_dtype = tuple(sl.get_shape()), sl.get_dtype()
+                if got_shape != tuple(shape) or got_dtype != dtype:
+                    raise ValueError(f"{path}: tensor {name} is {got_dtype} {list(got_shape)}, the metadata "
+                                     f"says {dtype} {list(shape)}")
+        out = {k: f.get_tensor(k) for k in f.keys()}
     if device is not None:
-        tensors = {k: v.to(device) for k, v in tensors.items()}
-    return tensors, json.loads(meta["config"])
+        out = {k: v.to(device) for k, v in out.items()}
+    return out, cfg
+
+
+def _check_finite_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {name} has non-finite values (NaN/inf)")
 
 
 def _check_layers(name: str, layers: Iterable[int], num_layers: int) -> list:
@@ -194,11 +252,29 @@ class PromptBank(nn.Module):
         if lo < 0 or hi > self.prompt_len:
             raise ValueError(f"prompt bank lens must lie in [0, prompt_len={self.prompt_len}], got [{lo}, {hi}]")
 
+    FILE_ARGS = dict(num_layers=POS_INT, inject_layers=LAYERS, num_experts=POS_INT, prompt_len=POS_INT,
+                     num_kv_heads=POS_INT, head_dim=POS_INT, dtype=FLOAT_DTYPE, init_std=NUMBER)
+    FILE_OPTIONAL = dict(layer_log_weight=OPT_NUMBER)
+
+    @staticmethod
+    def file_tensors(cfg: dict) -> dict:
+        n = len(cfg["inject_layers"])
+        shape = (n, cfg["num_experts"], cfg["prompt_len"], cfg["num_kv_heads"], cfg["head_dim"])
+        dt = _FLOAT_DTYPES[cfg["dtype"]]
+        out = {"keys": (shape, dt), "values": (shape, dt), "lens": ((cfg["num_experts"],), "I32")}
+        if cfg.get("layer_log_weight") is not None:
+            out["layer_log_weight"] = ((n,), "F32")
+        return out
+
     @classmethod
     def load(cls, path: str, device=None, dtype=None) -> "PromptBank":
         """The bank saved at `path`, on `device` in `dtype` (default: as saved). Give the model's
-        activation dtype on a GPU (`model_placement`), or use MixtureOfPrompts.load(dir, model=...)."""
-        tensors, cfg = load_tensors(path, device)
+        activation dtype on a GPU (`model_placement`), or use MixtureOfPrompts.load(dir, model=...).
+        The metadata (a whitelist of constructor arguments) and the tensors' shapes and dtypes are
+        checked before anything is allocated, then finite values and lens <= P."""
+        tensors, cfg = load_tensors(path, device, args=cls.FILE_ARGS, optional=cls.FILE_OPTIONAL,
+                                    tensors=cls.file_tensors)
+        _check_finite_tensors(path, tensors)
         cfg["dtype"] = getattr(torch, cfg["dtype"]) if dtype is None else dtype
         bank = cls(**cfg, device=device)
         bank.load_state_dict(tensors)          # copies (and casts) into the parameters
@@ -266,9 +342,21 @@ class SmartGate(nn.Module):
     def save(self, path: str) -> None:
         save_tensors(path, dict(self.state_dict()), self.config())
 
+    FILE_ARGS = dict(hidden_size=POS_INT, num_experts=POS_INT, top_k=POS_INT, gate_layer=INDEX,
+                     gate_hidden=POS_INT, activation=ACTIVATION)
+    FILE_OPTIONAL = dict(weight_scale=POS_NUMBER)
+
+    @staticmethod
+    def file_tensors(cfg: dict) -> dict:
+        d, h, E = cfg["hidden_size"], cfg["gate_hidden"], cfg["num_experts"]
+        return {"w1": ((h, d), "F32"), "b1": ((h,), "F32"), "w2": ((E, h), "F32"), "b2": ((E,), "F32")}
+
     @classmethod
     def load(cls, path: str, device=None) -> "SmartGate":
-        tensors, cfg = load_tensors(path, device)
+        """A gate saved by `save`, checked like PromptBank.load before anything is allocated."""
+        tensors, cfg = load_tensors(path, device, args=cls.FILE_ARGS, optional=cls.FILE_OPTIONAL,
+                                    tensors=cls.file_tensors)
+        _check_finite_tensors(path, tensors)
         gate = cls(**cfg)
         gate.load_state_dict(tensors)
         return gate.to(device) if device is not None else gate
@@ -379,6 +467,32 @@ class InstructionPromptGenerator(nn.Module):
         D = attn.head_dim
         return attn.k_proj(x).view(B, n, -1, D), attn.v_proj(x).view(B, n, -1, D)
 
+    FILE_ARGS = dict(hidden_size=POS_INT, num_layers=POS_INT, inject_layers=LAYERS, bottleneck=POS_INT)
+    FILE_OPTIONAL = dict(normalize_input=BOOL, drop_first_token=BOOL, layer_log_weight=OPT_NUMBER,
+                         up_init_std=NUMBER)
+
+    @staticmethod
+    def file_tensors(cfg: dict) -> dict:
+        n, d, m = len(cfg["inject_layers"]), cfg["hidden_size"], cfg["bottleneck"]
+        out = {"w_down": ((n, d, m), "F32"), "w_sa": ((n, m, 4), "F32"), "a": ((n, 6), "F32"),
+               "b": ((n, 4), "F32"), "w_up": ((n, m, d), "F32")}
+        if cfg.get("layer_log_weight") is not None:
+            out["layer_log_weight"] = ((n,), "F32")
+        return out
+
+    def save(self, path: str) -> None:
+        save_tensors(path, dict(self.state_dict()), self.config())
+
+    @classmethod
+    def load(cls, path: str, device=None) -> "InstructionPromptGenerator":
+        """A generator saved by `save`, checked like PromptBank.load before anything is allocated."""
+        tensors, cfg = load_tensors(path, device, args=cls.FILE_ARGS, optional=cls.FILE_OPTIONAL,
+                                    tensors=cls.file_tensors)
+        _check_finite_tensors(path, tensors)
+        gen = cls(**cfg)
+        gen.load_state_dict(tensors)
+        return gen.to(device) if device is not None else gen
+
     def check_compatible(self, model) -> None:
         dims = model_dims(model)
         if dims["num_layers"] != self.num_layers:
@@ -472,6 +586,11 @@ class MixtureOfPrompts(nn.Module):
         it (ValueError naming the mismatch). Without: as saved, on `device`."""
         with open(os.path.join(directory, "mops.json")) as f:
             meta = json.load(f)
+        for name, (what, ok) in (("inject_from", INDEX), ("position_offset", INDEX)):
+            if name in meta and not ok(meta[name]):
+                raise ValueError(f"{directory}/mops.json: {name} must be {what}, got {meta[name]!r}")
+        if "inject_from" not in meta:
+            raise ValueError(f"{directory}/mops.json: no inject_from")
         if model is not None:
             m_device, m_dtype = model_placement(model)
             device, dtype = device or m_device, dtype or m_dtype

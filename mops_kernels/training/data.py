@@ -1,6 +1,6 @@
 """BIG-bench generative tasks as multi-task instruction data, read straight from the `bigbench` sdist.
 
-The sdist (`pip download --no-deps --no-binary :all: bigbench`) holds every task as
+The sdist (bigbench 1.0.0 from PyPI, pinned by sha256: `find_sdist`) holds every task as
 `bigbench-*/bigbench/benchmark_tasks/<task>/task.json`; we read those members with `tarfile`, never
 installing the package. An example is kept when it has an `input` string and a `target` that is a
 string (or a list whose first element is a string). Splits are fixed by a seed: the examples of a task
@@ -16,14 +16,15 @@ instruction tokens: what the gate reads), task [B] (label = index in the manifes
 """
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
 import os
 import random
 import re
-import subprocess
-import sys
+import stat
 import tarfile
+import urllib.request
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -82,29 +83,69 @@ def split_examples(examples: Sequence[dict], seed: int, fractions=(0.8, 0.1, 0.1
     return {"train": ex[:n_train], "validation": ex[n_train:n_train + n_val], "test": ex[n_train + n_val:]}
 
 
-def find_sdist(search_dirs: Sequence[str] = (), download_dir: Optional[str] = None) -> str:
-    """A bigbench-*.tar.gz in search_dirs or pip's cache directory; else `pip download` it."""
-    dirs = list(search_dirs)
+# The one bigbench sdist the data preparation reads: fetched as a file (never built or installed:
+# `pip download` of an sdist runs its build code) and checked by its sha256 from PyPI.
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/"
+                "c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-1.0.0.tar.gz")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sdist(path: str) -> str:
+    """`path` if it is the pinned bigbench sdist (sha256), else ValueError naming both hashes."""
+    got = sha256_file(path)
+    if got != BIGBENCH_SHA256:
+        raise ValueError(f"{path}: sha256 {got} is not the pinned {BIGBENCH_SDIST} ({BIGBENCH_SHA256})")
+    return path
+
+
+def _shared_writable(d: str) -> bool:
+    """A directory other users can write into (or replace files in): /tmp and the like."""
     try:
-        cache = subprocess.run([sys.executable, "-m", "pip", "cache", "dir"], capture_output=True,
-                               text=True, timeout=60).stdout.strip()
-        if cache:
-            dirs.append(cache)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    for d in dirs:
-        hits = sorted(glob.glob(os.path.join(d, "**", "bigbench-*.tar.gz"), recursive=True))
-        if hits:
-            return hits[-1]
+        st = os.stat(d)
+    except OSError:
+        return False
+    return bool(st.st_mode & stat.S_IWOTH) or (hasattr(os, "getuid") and st.st_uid != os.getuid())
+
+
+def find_sdist(search_dirs: Sequence[str] = (), download_dir: Optional[str] = None) -> str:
+    """The pinned bigbench sdist: `BIGBENCH_SDIST` in one of search_dirs (directories other users
+    can write are skipped), else downloaded into download_dir (created private), and in both cases
+    checked against BIGBENCH_SHA256."""
+    for d in search_dirs:
+        if _shared_writable(d):
+            warnings.warn(f"find_sdist: not searching {d}: other users can write there")
+            continue
+        path = os.path.join(d, BIGBENCH_SDIST)
+        if os.path.isfile(path):
+            return check_sdist(path)
     if download_dir is None:
-        raise FileNotFoundError("no bigbench sdist found and no download_dir given")
-    os.makedirs(download_dir, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "bigbench", "-d", download_dir], check=True)
-    hits = sorted(glob.glob(os.path.join(download_dir, "bigbench-*.tar.gz")))
-    if not hits:
-        raise FileNotFoundError(f"pip download left no bigbench-*.tar.gz in {download_dir}")
-    return hits[-1]
+        raise FileNotFoundError(f"no {BIGBENCH_SDIST} found in {list(search_dirs)} and no download_dir given")
+    os.makedirs(download_dir, mode=0o700, exist_ok=True)
+    if _shared_writable(download_dir):
+        raise ValueError(f"download_dir {download_dir} is writable by other users; give a private directory")
+    path = os.path.join(download_dir, BIGBENCH_SDIST)
+    if os.path.isfile(path):
+        return check_sdist(path)
+    part = path + ".part"
+    h = hashlib.sha256()
+    with urllib.request.urlopen(BIGBENCH_URL, timeout=60) as r, open(part, "wb") as f:
+        for block in iter(lambda: r.read(1 << 20), b""):
+            h.update(block)
+            f.write(block)
+    if h.hexdigest() != BIGBENCH_SHA256:
+        os.remove(part)
+        raise ValueError(f"{BIGBENCH_URL}: downloaded sha256 {h.hexdigest()} is not the pinned {BIGBENCH_SHA256}")
+    os.replace(part, path)
+    return path
 
 
 def prepare(sdist: str, out: str, tasks: Sequence[str], seed: int = 0, fractions=(0.8, 0.1, 0.1),

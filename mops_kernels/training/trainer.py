@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..families import decoder_layers, model_dims
-from ..modules.prompts import (InstructionPromptGenerator, MixtureOfPrompts, PromptBank, load_tensors,
-                               model_placement, save_tensors)
+from ..modules.prompts import InstructionPromptGenerator, MixtureOfPrompts, PromptBank, model_placement
 from .data import collate
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -146,14 +145,11 @@ def save_prompts(prompts, directory: str) -> None:
         prompts.save(directory)
         return
     os.makedirs(directory, exist_ok=True)
-    save_tensors(os.path.join(directory, "iapt.safetensors"), dict(prompts.state_dict()), prompts.config())
+    prompts.save(os.path.join(directory, "iapt.safetensors"))
 
 
 def load_iapt(directory: str, device=None) -> InstructionPromptGenerator:
-    tensors, cfg = load_tensors(os.path.join(directory, "iapt.safetensors"), device)
-    gen = InstructionPromptGenerator(**cfg)
-    gen.load_state_dict(tensors)
-    return gen.to(device) if device is not None else gen
+    return InstructionPromptGenerator.load(os.path.join(directory, "iapt.safetensors"), device)
 
 
 class _StopAfterGateLayer(Exception):
