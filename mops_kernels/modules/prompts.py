@@ -104,6 +104,16 @@ def _check_finite_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
             raise ValueError(f"{path}: tensor {name} has non-finite values (NaN/inf)")
 
 
+def _load_module(cls, path: str, device=None):
+    """cls(**config) with the file's parameters: cls.FILE_ARGS / cls.file_tensors checked first."""
+    tensors, cfg = load_tensors(path, device, args=cls.FILE_ARGS, optional=cls.FILE_OPTIONAL,
+                                tensors=cls.file_tensors)
+    _check_finite_tensors(path, tensors)
+    module = cls(**cfg)
+    module.load_state_dict(tensors)
+    return module.to(device) if device is not None else module
+
+
 def _check_layers(name: str, layers: Iterable[int], num_layers: int) -> list:
     layers = [int(x) for x in layers]
     if not layers:
@@ -354,12 +364,7 @@ class SmartGate(nn.Module):
     @classmethod
     def load(cls, path: str, device=None) -> "SmartGate":
         """A gate saved by `save`, checked like PromptBank.load before anything is allocated."""
-        tensors, cfg = load_tensors(path, device, args=cls.FILE_ARGS, optional=cls.FILE_OPTIONAL,
-                                    tensors=cls.file_tensors)
-        _check_finite_tensors(path, tensors)
-        gate = cls(**cfg)
-        gate.load_state_dict(tensors)
-        return gate.to(device) if device is not None else gate
+        return _load_module(cls, path, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,12 +491,7 @@ class InstructionPromptGenerator(nn.Module):
     @classmethod
     def load(cls, path: str, device=None) -> "InstructionPromptGenerator":
         """A generator saved by `save`, checked like PromptBank.load before anything is allocated."""
-        tensors, cfg = load_tensors(path, device, args=cls.FILE_ARGS, optional=cls.FILE_OPTIONAL,
-                                    tensors=cls.file_tensors)
-        _check_finite_tensors(path, tensors)
-        gen = cls(**cfg)
-        gen.load_state_dict(tensors)
-        return gen.to(device) if device is not None else gen
+        return _load_module(cls, path, device)
 
     def check_compatible(self, model) -> None:
         dims = model_dims(model)
