@@ -134,8 +134,6 @@ def validate(model, plan):
             if pk.dim() != 4 or pk.shape[2] != Hkv or pk.shape[3] != D:
                 raise ValueError(f"attach: prompt bank layer {l} has prefix_k {tuple(pk.shape)}, model needs "
                                  f"[E, P, Hkv={Hkv}, D={D}]")
-            if not bool(torch.isfinite(kv[0]).all() & torch.isfinite(kv[1]).all()):
-                raise ValueError(f"attach: prompt bank layer {l} has non-finite keys/values (NaN/inf)")
             if l < plan.inject_from:
                 raise ValueError(f"attach: prompt bank has layer {l} < inject_from={plan.inject_from}")
     if plan.gate is not None:
@@ -153,7 +151,7 @@ def validate(model, plan):
     if plan.prompts is not None and hasattr(plan.prompts, "check_compatible"):
         plan.prompts.check_compatible(model)      # raises ValueError naming the mismatch
     _check_placement(model, plan, L)
-    check_finite_prompts(plan)
+    check_finite_prompts(plan, L)
     return layers
 
 
@@ -195,9 +193,14 @@ def _check_placement(model, plan, num_layers):
                 check(f"{what} tensor {name!r}", t, None)
 
 
-def check_finite_prompts(plan):
-    """ValueError naming the first gate / generator tensor with NaN or inf values (the bank's layers
-    are checked by validate as it reads them)."""
+def check_finite_prompts(plan, num_layers):
+    """ValueError naming the first bank layer / gate / generator tensor with NaN or inf values (run
+    after the placement checks: the tensors are then on the model's device)."""
+    if plan.bank is not None:
+        for l in range(num_layers):
+            kv = plan.bank.layer(l)
+            if kv is not None and not bool(torch.isfinite(kv[0]).all() & torch.isfinite(kv[1]).all()):
+                raise ValueError(f"attach: prompt bank layer {l} has non-finite keys/values (NaN/inf)")
     for owner, mod in (("gate", plan.gate), ("generator", plan.generator)):
         mod = getattr(mod, "generator", mod)          # the trainer's instruction-mask wrapper
         if not isinstance(mod, torch.nn.Module):
