@@ -117,10 +117,11 @@ def timed_engine(model, batch, max_new_tokens, eos_id, prompts=None):
     return [r.tokens for r in reqs], Speed(sum(len(r.tokens) for r in reqs), dt, prefill, len(ids))
 
 
-def task_batch(tok, examples):
+def task_batch(tok, examples, separator=""):
     """The shipped bank's held-out task examples as raw text, the way it was trained (no chat
-    template): input_ids / attention_mask, right-padded (timed_engine strips the padding)."""
-    ids = [tok(e["input"].rstrip(), add_special_tokens=False)["input_ids"] for e in examples]
+    template; the training separator after the input): input_ids / attention_mask, right-padded
+    (timed_engine strips the padding)."""
+    ids = [tok(e["input"].rstrip() + separator, add_special_tokens=False)["input_ids"] for e in examples]
     T = max(len(x) for x in ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     return {"input_ids": torch.tensor([x + [pad] * (T - len(x)) for x in ids]),
@@ -143,9 +144,12 @@ def run_mops(model, tok, prompts, batch, args):
         examples = info["examples"]
         prompts = [f"[{e['task']}] {e['input'].strip()}" for e in examples]
         targets = [e["target"] for e in examples]
-        batch = task_batch(tok, examples)
-        label = (f"the shipped bank (mops_kernels/data, {len(info['tasks'])} BIG-bench tasks, "
-                 f"validation ppl {info['validation_ppl']:.2f}); one held-out test example per task")
+        batch = task_batch(tok, examples, info.get("separator", ""))
+        quality = (f"validation ppl {info['validation_ppl']:.2f}" if "validation_ppl" in info else
+                   "test NLL vs no prompt {:+.3f}".format(info["test_vs_no_prompt"]["diff"])
+                   if "test_vs_no_prompt" in info else "")
+        label = (f"the shipped bank (mops_kernels/data, {len(info['tasks'])} BIG-bench tasks"
+                 f"{', ' + quality if quality else ''}); one held-out test example per task")
     else:
         torch.manual_seed(0)
         mops = mops_kernels.MixtureOfPrompts.for_model(model, num_experts=8, prompt_len=16, top_k=2,
@@ -159,13 +163,18 @@ def run_mops(model, tok, prompts, batch, args):
         hook.remove()
     idx, w = chosen[-1]        # the timed run's prefill: all requests together, in order
     answers = [tok.decode(t, skip_special_tokens=True) for t in toks]
+    plain = None
+    if targets is not None:    # the same questions without the bank: what the bank changes
+        plain_toks, _ = timed_engine(model, batch, args.max_new_tokens, tok.eos_token_id)
+        plain = [tok.decode(t, skip_special_tokens=True) for t in plain_toks]
     print(f"\n== Mixture of Prompts: {mops.num_experts} experts x {mops.prompt_len} tokens, "
           f"top-{mops.top_k}, gate after layer {mops.gate_layer}, injected from layer {mops.inject_from}; "
           f"{label}")
     for i, (p, a) in enumerate(zip(prompts, answers)):
         experts = ", ".join(f"expert {int(e)} (w={float(x):.2f})" for e, x in zip(idx[i], w[i]))
         want = "" if targets is None else f"\n  reference answer: {targets[i]}"
-        print(f"\n> {p}\n  gate chose: {experts}\n{a.strip()}{want}")
+        bare = "" if plain is None else f"\n  without the bank: {plain[i].strip()}"
+        print(f"\n> {p}\n  gate chose: {experts}\n{a.strip()}{bare}{want}")
     print(speed.line("\nmops_kernels 4-bit + MoPs (Engine)"))
 
 

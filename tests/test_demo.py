@@ -25,5 +25,6 @@ def test_demo_runs_and_reports_routing_and_speed():
     else:              # the shipped bank asked one held-out example per task, reference beside it
         assert out.count("gate chose: expert") == len(info["examples"]) == len(info["tasks"]), out
         assert out.count("reference answer:") == len(info["examples"]), out
+        assert out.count("without the bank:") == len(info["examples"]), out
         assert "the shipped bank" in out and "UNTRAINED" not in out
     assert "mops_kernels 4-bit (Engine):" in out and "tok/s decode" in out
