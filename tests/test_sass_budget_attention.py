@@ -1,8 +1,8 @@
 """SASS instruction budgets of the attention kernels' main loops (sm_90): the speed proxy without a GPU.
 
-Each kernel is compiled for sm_90, disassembled (cuobjdump: Triton's NVIDIA backend ships it, next
-to ptxas), and the instructions of its main loop are counted between the loop head and its
-back-edge branch (a static count of the loop body).
+Each kernel is compiled for sm_90, disassembled (tests/utils.py: nvdisasm), and the instructions of
+its main loop are counted between the loop head and its back-edge branch (a static count of the
+loop body, NOPs excluded); loops are told apart by what they load or multiply.
 
   CUDA decode (csrc/prefix_attention_kernel.cuh, decode_split_kernel<T, D, GT>): the sequence loop
       (the loop with the mask byte loads and 2*kUnroll 16-byte K/V loads), counted per 16 B of K/V
@@ -21,67 +21,26 @@ back-edge branch (a static count of the loop body).
       the CUDA decode's roofline: budget 32 (measured ~24 at GQA 1 and 4: tensor-core dots for the
       whole group). This comparison orders DECODE_ORDER_CUDA until a GPU measures both.
 
-Skipped only when nvcc, cuobjdump or Triton's NVIDIA backend is absent (a capability).
+Skipped only when nvcc, nvdisasm or Triton's NVIDIA backend is absent (a capability).
 """
 import collections
 import os
-import re
-import shutil
 import subprocess
 
 import pytest
 import torch
 
-from utils import HAS_NVIDIA_BACKEND, compile_specs_for_sm90
+from utils import (HAS_NVIDIA_BACKEND, compile_specs_for_sm90, nvcc_path, nvdisasm_path, sass_functions,
+                   sass_loops, sass_of)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tool(name):
-    """Path of a CUDA binary tool: Triton's bundled copy first, then PATH / CUDA_HOME."""
-    try:
-        import triton
-        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-        if os.path.exists(p):
-            return p
-    except Exception:   # triton missing: look elsewhere
-        pass
-    return shutil.which(name) or next((p for p in (f"/usr/local/cuda/bin/{name}",) if os.path.exists(p)), None)
-
-
-CUOBJDUMP, NVCC = _tool("cuobjdump"), _tool("nvcc")
-needs_cuobjdump = pytest.mark.skipif(CUOBJDUMP is None, reason="needs cuobjdump (Triton's NVIDIA backend)")
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-
-
-def sass_of(cubin_path: str) -> str:
-    return subprocess.run([CUOBJDUMP, "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
+NVCC, NVDISASM = nvcc_path(), nvdisasm_path()
+needs_nvdisasm = pytest.mark.skipif(NVDISASM is None, reason="needs nvdisasm (Triton's NVIDIA backend or pip)")
 
 
 def kernels(sass: str) -> dict:
-    """{function name: [(address, instruction text)]} of a cuobjdump listing."""
-    out, name = {}, None
-    for line in sass.splitlines():
-        m = re.search(r"Function : (\S+)", line)
-        if m:
-            name = m.group(1)
-            out[name] = []
-            continue
-        m = _INSTR.search(line)
-        if m and name:
-            out[name].append((int(m.group(1), 16), m.group(2)))
-    return out
-
-
-def loops(instrs: list) -> list:
-    """Every loop as the instructions from its head to its back-edge (a BRA to a lower address)."""
-    res = []
-    for addr, text in instrs:
-        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
-            head = int(m.group(1), 16)
-            res.append([t for a, t in instrs if head <= a <= addr])
-    return res
+    """{kernel name: [its loop bodies (instruction texts)]} of an nvdisasm listing."""
+    return {name: [lp[3] for lp in sass_loops(lines, bodies=True)] for name, lines in sass_functions(sass).items()}
 
 
 def opcode(text: str) -> str:
@@ -98,8 +57,8 @@ DECODE_CASES = [(t, d, gt) for t, d in (("__half", 128), ("__nv_bfloat16", 128),
 
 @pytest.fixture(scope="module")
 def decode_sass(tmp_path_factory):
-    if NVCC is None or CUOBJDUMP is None:
-        pytest.skip("needs nvcc and cuobjdump")
+    if NVCC is None or NVDISASM is None:
+        pytest.skip("needs nvcc and nvdisasm")
     d = tmp_path_factory.mktemp("sass")
     src = d / "inst.cu"
     src.write_text('#include "prefix_attention_kernel.cuh"\n' + "".join(
@@ -121,7 +80,7 @@ def _mangled(t, d, gt):
 @pytest.mark.parametrize("t,d,gt", DECODE_CASES, ids=[f"{c[0].strip('_')}-D{c[1]}-GT{c[2]}" for c in DECODE_CASES])
 def test_cuda_decode_loop_within_budget(decode_sass, t, d, gt):
     name = next(n for n in decode_sass if _mangled(t, d, gt) in n)
-    main = [body for body in loops(decode_sass[name])
+    main = [body for body in decode_sass[name]
             if any(opcode(x).startswith("LDG.E.U8") for x in body)
             and sum(opcode(x).startswith("LDG.E.128") for x in body) == 2 * K_UNROLL]
     assert len(main) == 1, f"{name}: expected one sequence loop, found {len(main)}"
@@ -154,13 +113,13 @@ def _recorded_fwd_spec(TR, args, cfg, cubin_path):
 
 def _interior_loop(cubin_path):
     """The shortest loop with tensor-core instructions: the unmasked sequence loop."""
-    (body,) = kernels(sass_of(cubin_path)).values()
-    interior = min((b for b in loops(body) if any("MMA" in opcode(x) for x in b)), key=len)
+    (bodies,) = kernels(sass_of(cubin_path)).values()
+    interior = min((b for b in bodies if any("MMA" in opcode(x) for x in b)), key=len)
     assert not any(opcode(x).startswith("LDG.E.U8") for x in interior), "per-element masks in the interior loop"
     return interior
 
 
-@needs_cuobjdump
+@needs_nvdisasm
 @pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs Triton's NVIDIA backend (ptxas)")
 @pytest.mark.parametrize("G", [1, 4])
 def test_triton_decode_interior_loop_within_budget(tmp_path, G):
@@ -188,7 +147,7 @@ def _prefill_launch_specs(tmp_path):
             for cfg in TR.prefill_configs(4 * 256, 128, torch.float16)]
 
 
-@needs_cuobjdump
+@needs_nvdisasm
 @pytest.mark.skipif(not HAS_NVIDIA_BACKEND, reason="needs Triton's NVIDIA backend (ptxas)")
 def test_triton_prefill_interior_loop_within_budget(tmp_path):
     jobs = _prefill_launch_specs(tmp_path)

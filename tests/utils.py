@@ -147,9 +147,10 @@ def sass_functions(sass: str) -> dict:
     return out
 
 
-def sass_loops(lines) -> list:
+def sass_loops(lines, bodies: bool = False) -> list:
     """Every loop of one kernel's SASS: (first address, back-edge address, instruction count) for
-    each branch to a label at or before it (NOPs not counted)."""
+    each branch to a label at or before it (NOPs not counted); bodies=True adds a 4th element, the
+    loop's instruction texts (to tell loops apart by what they load or multiply)."""
     import re
     labels, instrs = {}, []          # label -> index of the next instruction; [(addr, text)]
     for line in lines:
@@ -165,8 +166,8 @@ def sass_loops(lines) -> list:
         br = re.search(r"\bBRA\b.*`\((\.L\w+)\)", text)
         if br and br.group(1) in labels and labels[br.group(1)] <= i:
             start = labels[br.group(1)]
-            n = sum(1 for _, t in instrs[start:i + 1] if not re.match(r"(@!?U?P\w+\s+)?NOP\b", t))
-            loops.append((instrs[start][0], addr, n))
+            body = [t for _, t in instrs[start:i + 1] if not re.match(r"(@!?U?P\w+\s+)?NOP\b", t)]
+            loops.append((instrs[start][0], addr, len(body)) + ((body,) if bodies else ()))
     return loops
 
 
