@@ -9,7 +9,10 @@
 # Stages, each with its own deadline, all inside BUDGET_S (default 540 s):
 #   env           nvidia-smi, nvcc and every package version; a wheel carried in .whl/ (gitignored, sent
 #                 with run's `carry`) is installed to /tmp/site only when the image lacks its module
-#                 (the image has peft; it has no gguf, which test_backbone's GPU test needs)
+#                 (the image has peft; it has no gguf, which test_backbone's GPU test needs: before the
+#                 call, `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
+#                 -d .whl gguf==0.19.0` (pure Python; its needs numpy, pyyaml, requests, tqdm are on
+#                 the image) and run with carry [".whl"])
 #   build         the CUDA extension, in the background from the start: pip install --no-deps
 #                 --no-build-isolation -e . with TORCH_CUDA_ARCH_LIST=9.0 (sm_90 only); its errors are
 #                 printed; a failed build fails tests_cuda only (spec6 then times the Triton kernels)
