@@ -140,3 +140,58 @@ def test_balanced_batch_and_backward_template():
     assert T.cut_at_stop(" Answer carefully.\n\n## more") == "Answer carefully."
     with pytest.raises(ValueError, match="batch_size"):
         balanced_batch(labels, 26, np.random.RandomState(0))
+
+
+class FakeScorer2(FakeScorer):
+    """DLN-2: the output prompt's skill as in FakeScorer (the thoughts appended to the input are ignored);
+    log p(h | x, p1) = -len(h) / 10 - penalty[p1] (shorter thoughts, better hidden prompts)."""
+
+    def __init__(self, skill, penalty):
+        super().__init__(skill)
+        self.penalty, self.target_calls = penalty, []
+
+    def class_logprobs(self, prompts, inputs, classes):
+        return super().class_logprobs(prompts, [x.split("\nYour thoughts were:")[0] for x in inputs], classes)
+
+    def target_logprobs(self, contexts, targets, prompts=None):
+        self.target_calls.append(list(contexts))
+        return torch.tensor([-len(t) / 10 - self.penalty.get(c.replace(" Let's think step by step.", ""), 1.0)
+                             for c, t in zip(contexts, targets)])
+
+
+class FakeProposer2(FakeProposer):
+    """Posterior rewrites of the thoughts: "ok"; prompt proposals from the script."""
+
+    def generate(self, texts, seed, max_new_tokens=96, stop=T.STOP):
+        if texts[0].startswith("This is useful context"):
+            return ["ok"] * len(texts)
+        return super().generate(texts, seed, max_new_tokens, stop)
+
+
+class FakeForward:
+    name = "forward"
+
+    def generate(self, texts, seed, max_new_tokens=96, stop=T.STOP):
+        return ["thought " + t.split()[1] for t in texts]
+
+
+def test_dln2_scores_both_layers_and_names_authors():
+    from mops_kernels.dln.loop import DLN2
+
+    def run():
+        scorer = FakeScorer2({"": 0.4, "answer well": 0.8}, {"": 1.0, "think": 0.0})
+        prop = FakeProposer2(["think", "answer well"])
+        dln = DLN2(scorer, prop, FakeForward(), CLASSES, num_candidates=3, batch_size=6, iters=2, val_freq=1,
+                   memory=1, num_h_samples=2, seed=3)
+        out = dln.fit(TRAIN, DEV, "")
+        return dln, scorer, out
+
+    dln, scorer, out = run()
+    steps = [e for e in dln.state["log"] if "chosen" in e]
+    assert steps[0]["candidates_p1"][0] == "" and steps[0]["candidates_p2"][0] == ""
+    assert all("Let's think step by step." in c for c in scorer.target_calls[0])
+    assert dln.split(steps[0]["chosen"]) == ("think", "answer well")
+    assert steps[0]["author"] == "fake"
+    assert dln.split(out["prompt"]) == ("think", "answer well") and out["author"] == "fake"
+    again, _, out2 = run()
+    assert again.state["log"] == dln.state["log"] and out2 == out
