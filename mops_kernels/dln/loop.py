@@ -138,6 +138,12 @@ class DLN1:
             return []
         return self.proposer.generate(texts, seed=seed, max_new_tokens=self.max_new_tokens, stop=T.STOP)
 
+    def _record(self, entry: dict) -> dict:
+        self.state["log"].append(entry)
+        if self.log:
+            self.log(entry)
+        return entry
+
     def step(self, train, dev) -> dict:
         """One iteration (module docstring); returns its log entry."""
         s = self.state
@@ -147,10 +153,7 @@ class DLN1:
             self._validate(dev, entry)
         if t == self.iters:
             s["done"] = True
-            s["log"].append(entry)
-            if self.log:
-                self.log(entry)
-            return entry
+            return self._record(entry)
         batch = balanced_batch([r["label"] for r in train], self.batch_size, self.train_rng)
         rows = [train[i] for i in batch]
         x = [r["input"] for r in rows]
@@ -171,10 +174,7 @@ class DLN1:
                      chosen=cands[best], author=s["author"][cands[best]])
         s["current"] = cands[best]
         s["t"] = t + 1
-        s["log"].append(entry)
-        if self.log:
-            self.log(entry)
-        return entry
+        return self._record(entry)
 
     def fit(self, train: Sequence[dict], dev: Sequence[dict], init_prompt: str = "",
             on_step: Optional[Callable[[dict], None]] = None) -> dict:
@@ -250,10 +250,7 @@ class DLN2(DLN1):
             self._validate(dev, entry)
         if t == self.iters:
             s["done"] = True
-            s["log"].append(entry)
-            if self.log:
-                self.log(entry)
-            return entry
+            return self._record(entry)
         p1, p2 = self.split(s["current"])
         rows = [train[i] for i in balanced_batch([r["label"] for r in train], self.batch_size, self.train_rng)]
         x = [r["input"] for r in rows]
@@ -304,7 +301,4 @@ class DLN2(DLN1):
                      candidates_p2=c2, scores_p2=score2.tolist(), chosen=chosen, author=s["author"][chosen])
         s["current"] = chosen
         s["t"] = t + 1
-        s["log"].append(entry)
-        if self.log:
-            self.log(entry)
-        return entry
+        return self._record(entry)
