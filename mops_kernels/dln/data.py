@@ -28,6 +28,9 @@ Splits, as DLN's code makes them (dln/dataset.py, class BBH):
 """
 from __future__ import annotations
 
+import copy
+import functools
+import glob
 import hashlib
 import json
 import os
@@ -127,17 +130,33 @@ def option_shuffle(row: dict, rng: np.random.RandomState) -> dict:
     return {"input": f"{head}\nOptions:\n{body}", "target": target}
 
 
-def read_task_examples(sdist: str, task: str) -> List[dict]:
-    """The raw `examples` of one task's task.json in the sdist (nested paths such as
-    logical_deduction/seven_objects included)."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
-    suffix = f"/bigbench/benchmark_tasks/{TASKS[task].path}/task.json"
+@functools.lru_cache(maxsize=4)
+def _task_files(sdist: str, mtime: float) -> Dict[str, list]:
+    """{task: examples} for every task of TASKS found in the sdist, in one pass over the archive (a
+    gzip tar cannot seek: each pass decompresses it; cached per file and modification time)."""
+    want = {f"/bigbench/benchmark_tasks/{t.path}/task.json": name for name, t in TASKS.items()}
+    out = {}
     with tarfile.open(sdist, "r:*") as tar:
         for member in tar:
-            if member.isfile() and member.name.endswith(suffix) and member.name.count("/") == suffix.count("/"):
-                return json.load(tar.extractfile(member))["examples"]
-    raise FileNotFoundError(f"{sdist} has no member */bigbench/benchmark_tasks/{TASKS[task].path}/task.json")
+            if not member.isfile():
+                continue
+            tail = member.name[member.name.find("/"):]
+            if tail in want:
+                out[want[tail]] = json.load(tar.extractfile(member))["examples"]
+                if len(out) == len(want):
+                    break
+    return out
+
+
+def read_task_examples(sdist: str, task: str) -> List[dict]:
+    """The raw `examples` of one task's task.json in the sdist (nested paths such as
+    logical_deduction/seven_objects included). Returns a copy."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    found = _task_files(os.path.abspath(sdist), os.path.getmtime(sdist))
+    if task not in found:
+        raise FileNotFoundError(f"{sdist} has no member */bigbench/benchmark_tasks/{TASKS[task].path}/task.json")
+    return copy.deepcopy(found[task])
 
 
 def test_indices(task: str, index_file: str = INDEX_FILE):
@@ -197,4 +216,7 @@ def locate_sdist(download_dir: Optional[str] = None) -> str:
             raise FileNotFoundError(f"MOPS_BIGBENCH_SDIST={env} is not a file")
         return env
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    local = sorted(glob.glob(os.path.join(repo, ".cache", "bb", "bigbench-*.tar.gz")))
+    if local:                                   # the repository's own copy: no pip call needed
+        return local[-1]
     return find_sdist([os.path.join(repo, ".cache", "bb")], download_dir=download_dir)

@@ -7,7 +7,8 @@
 The context of a pair is DLN's forward template `"{prompt}\\n\\n{input}\\n\\nAnswer:"` (the input alone
 when the prompt is empty); the class is read from the next token after `"\\n"` (DLN scores the context
 plus "\\n"): a class "yes|Yes" sums the probabilities of the tokens "yes", "Yes", " yes", " Yes" (each
-verbaliser variant that is one token; a class with none is an error), then the class scores are
+verbaliser variant that is one token; a class with none, under a byte-level tokenizer, uses the first
+token of each verbaliser as written; two classes sharing a token is an error), then the class scores are
 normalised: lp = log(score_c / sum_c' score_c').
 
 How the pairs run (`share=True`): the text `"{prompt}\\n\\n"` of each distinct prompt is prefilled once
@@ -171,14 +172,12 @@ class PromptScorer:
             raise ValueError(f"classes must name at least 2 classes, got {classes}")
         out, owner = [], {}
         for c in classes:
-            ids = set()
-            for v in c.split("|"):
-                for variant in (v, " " + v):
-                    t = _ids(self.tok, variant)
-                    if len(t) == 1:
-                        ids.add(t[0])
+            toks = [_ids(self.tok, w) for v in c.split("|") for w in (v, " " + v)]
+            ids = {t[0] for t in toks if len(t) == 1}
+            if not ids:            # no one-token variant (a byte-level tokenizer): first tokens, no space
+                ids = {t[0] for t in toks[::2] if t}
             if not ids:
-                raise ValueError(f"class {c!r}: no verbaliser (with or without a leading space) is one token")
+                raise ValueError(f"class {c!r}: its verbalisers have no tokens")
             for t in ids:
                 if owner.setdefault(t, c) != c:
                     raise ValueError(f"classes {owner[t]!r} and {c!r} share the token id {t}")
