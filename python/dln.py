@@ -146,7 +146,7 @@ def main(argv=None, *, model=None, tok=None):
         loop = build_loop(args, scorer, None, forward_gen)
         acc, pred, labels = test_eval(loop, args.prompt, test)
         out = dict(task=args.task, prompt=args.prompt, test_acc=acc, test_pred=pred, test_labels=labels,
-                   n_test=len(test))
+                   n_test=len(test), tokens=dict(scorer.stats.totals), wall_s=time.perf_counter() - t0)
         print(json.dumps(dict(task=args.task, test_acc=acc, n_test=len(test))))
         return out
     proposer = make_proposer(args, model, tok)
