@@ -26,8 +26,11 @@ class EngineProposer:
         from .. import Engine
         self.name = "engine"
         self.tok, self.temperature, self.max_len = tok, float(temperature), int(max_len)
-        self.engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_id=tok.eos_token_id)
-        self._native_stop = "stop" in inspect.signature(self.engine.submit).parameters
+        # stop strings: the Engine's own (submit(stop=...), with its tokenizer) where it has them, else
+        # the request is ended from its on_token callback as soon as a stop string appears
+        self._native_stop = "tokenizer" in inspect.signature(Engine).parameters
+        kw = dict(tokenizer=tok) if self._native_stop else {}
+        self.engine = Engine(model, max_batch=max_batch, max_len=max_len, eos_token_id=tok.eos_token_id, **kw)
 
     def generate(self, texts: Sequence[str], seed: int, max_new_tokens: int = 96,
                  stop: Sequence[str] = STOP) -> List[str]:
@@ -40,7 +43,7 @@ class EngineProposer:
                       temperature=self.temperature or 1.0, seed=seed * 1000003 + i)
             if self._native_stop:
                 kw["stop"] = list(stop)
-            else:                                                # stop as soon as a stop string appears
+            else:
                 kw["on_token"] = self._stopper(stop)
             reqs.append(self.engine.submit(ids, **kw))
         self.engine.run_until_done()
