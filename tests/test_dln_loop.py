@@ -195,3 +195,20 @@ def test_dln2_scores_both_layers_and_names_authors():
     assert dln.split(out["prompt"]) == ("think", "answer well") and out["author"] == "fake"
     again, _, out2 = run()
     assert again.state["log"] == dln.state["log"] and out2 == out
+
+
+@pytest.mark.slow
+def test_engine_proposer_seeded_and_cut_at_stop_strings():
+    from mops_kernels import load_backbone
+    from mops_kernels.dln.proposers import EngineProposer
+    model, tok = load_backbone()
+    prop = EngineProposer(model, tok)
+    texts = [T.backward("Answer the question.", [T.Info("Is the sky blue?", "No", "Yes", 1.0)], m)
+             for m in T.MESSAGES[:2]]
+    a = prop.generate(texts, seed=3, max_new_tokens=24)
+    assert a == prop.generate(texts, seed=3, max_new_tokens=24)            # same seed, same proposals
+    assert len(a) == 2 and all(isinstance(x, str) for x in a)
+    assert not any(s in x for x in a for s in T.STOP)
+    assert prop._native_stop                                               # the Engine's submit(stop=...)
+    prop._native_stop = False                                              # the on_token fallback
+    assert prop.generate(texts, seed=3, max_new_tokens=24) == a
