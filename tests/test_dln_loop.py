@@ -212,3 +212,23 @@ def test_engine_proposer_seeded_and_cut_at_stop_strings():
     assert prop._native_stop                                               # the Engine's submit(stop=...)
     prop._native_stop = False                                              # the on_token fallback
     assert prop.generate(texts, seed=3, max_new_tokens=24) == a
+
+
+@pytest.mark.slow
+def test_hf_proposer_from_a_local_directory(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mops_kernels.dln.proposers import HFProposer
+    from mops_kernels.integrations.backbone import _gguf_tokenizer, default_gguf_path
+    from mops_kernels.integrations.gguf_import import read_gguf
+    path = default_gguf_path()
+    tok = _gguf_tokenizer(path, read_gguf(path))          # SmolLM2's tokenizer, saved beside a tiny model
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    prop = HFProposer(str(tmp_path))
+    texts = [T.backward("Answer.", [T.Info("x", "No", "Yes", 1.0)], T.MESSAGES[0])]
+    a = prop.generate(texts, seed=1, max_new_tokens=12)
+    assert a == prop.generate(texts, seed=1, max_new_tokens=12) and prop.name == f"hf:{tmp_path.name}"
+    assert not any(s in a[0] for s in T.STOP)
