@@ -6,7 +6,7 @@
     python python/dln.py --task hyperbaton --layers 2 --proposer template --out out/dln/h2
 
 Data: the bigbench sdist (--sdist, $MOPS_BIGBENCH_SDIST, the repository's .cache/bb or pip's cache;
-python/prepare_data.py fetches it), rebuilt as BBH + DLN's splits (mops_kernels/dln/data.py).
+else `pip download` into .cache/bb), rebuilt as BBH + DLN's splits (mops_kernels/dln/data.py).
 Scoring: PromptScorer (each prompt prefilled once per call, shared by its inputs). Proposers: "engine"
 (the same backbone through mops_kernels.Engine, temperature 0.7), "template" (deterministic edits),
 or a directory (a larger local Hugging Face model). The initial prompt is DLN's task instruction
@@ -30,6 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from mops_kernels.dln.data import TASKS, load_bbh, locate_sdist  # noqa: E402
+
+# where a missing sdist is downloaded (pip download; ignored by git)
+SDIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "bb")
 
 
 def parser():
@@ -131,7 +134,7 @@ def main(argv=None, *, model=None, tok=None):
         raise SystemExit("--eval-only needs --prompt TEXT")
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    splits = load_bbh(args.sdist or locate_sdist(), args.task)
+    splits = load_bbh(args.sdist or locate_sdist(download_dir=SDIST_DIR), args.task)
     train, dev, test = (rows_of(args.task, splits[k]) for k in ("train", "dev", "test"))
     dev, test = dev[:args.dev_size], test[:args.test_size]
     if model is None:

@@ -102,7 +102,7 @@ def main(argv=None):
     P = SMOKE if args.smoke else FULL
     runs = os.path.join(args.runs, "smoke" if args.smoke else "full")
     results_path = args.results or (os.path.join(runs, "dln_experiment.json") if args.smoke else RESULTS)
-    sdist = args.sdist or locate_sdist()
+    sdist = args.sdist or locate_sdist(download_dir=dln.SDIST_DIR)
     t0 = time.perf_counter()
     from mops_kernels import load_backbone
     model, tok = load_backbone()
