@@ -211,17 +211,23 @@ def test_sdist_is_never_taken_from_a_shared_writable_directory(tmp_path, fake_sd
         data.find_sdist([str(private)])
 
 
-def test_sdist_download_is_a_checked_file_fetch(tmp_path, fake_sdist, monkeypatch):
+def test_sdist_download_is_pip_by_name_with_the_hash_required(tmp_path, fake_sdist, monkeypatch):
     data, blob = fake_sdist
-    urls = []
+    calls = []
 
-    def fake_open(url, timeout=None):
-        urls.append(url)
-        return io.BytesIO(blob if len(urls) == 1 else blob + b"tampered")
-    monkeypatch.setattr(data.urllib.request, "urlopen", fake_open)
+    def fake_run(cmd, check=False):
+        req = cmd[cmd.index("-r") + 1]
+        calls.append((cmd, open(req).read()))
+        dest = cmd[cmd.index("-d") + 1]
+        with open(os.path.join(dest, data.BIGBENCH_SDIST), "wb") as f:
+            f.write(blob if len(calls) == 1 else blob + b"tampered")
+    monkeypatch.setattr(data.subprocess, "run", fake_run)
     got = data.find_sdist([], download_dir=str(tmp_path / "dl"))
-    assert open(got, "rb").read() == blob and urls == [data.BIGBENCH_URL]
-    assert "bigbench-1.0.0.tar.gz" in data.BIGBENCH_URL
-    with pytest.raises(ValueError, match="downloaded sha256"):
+    assert open(got, "rb").read() == blob
+    cmd, req = calls[0]
+    assert cmd[1:4] == ["-m", "pip", "download"] and "--require-hashes" in cmd and "--no-deps" in cmd
+    assert req.strip() == f"bigbench=={data.BIGBENCH_VERSION} --hash=sha256:{data.BIGBENCH_SHA256}"
+    assert not any("://" in c for c in cmd)                 # by name, through pip's own index
+    with pytest.raises(ValueError, match="is not the pinned"):
         data.find_sdist([], download_dir=str(tmp_path / "dl2"))
     assert not os.listdir(tmp_path / "dl2")             # nothing left behind
