@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from mops_kernels.dln.data import TASKS, load_bbh, locate_sdist  # noqa: E402
+from mops_kernels.training.data import SDIST_CACHE  # noqa: E402
 
 # where a missing sdist is downloaded (pip download; ignored by git)
-SDIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "bb")
 
 
 def parser():
@@ -134,7 +134,7 @@ def main(argv=None, *, model=None, tok=None):
         raise SystemExit("--eval-only needs --prompt TEXT")
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    splits = load_bbh(args.sdist or locate_sdist(download_dir=SDIST_DIR), args.task)
+    splits = load_bbh(args.sdist or locate_sdist(download_dir=SDIST_CACHE), args.task)
     train, dev, test = (rows_of(args.task, splits[k]) for k in ("train", "dev", "test"))
     dev, test = dev[:args.dev_size], test[:args.test_size]
     if model is None:

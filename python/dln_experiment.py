@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import dln  # noqa: E402  (python/dln.py)
 
 from mops_kernels.dln.data import TASKS, load_bbh, locate_sdist  # noqa: E402
+from mops_kernels.training.data import SDIST_CACHE  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "dln_experiment.json")
@@ -102,7 +103,7 @@ def main(argv=None):
     P = SMOKE if args.smoke else FULL
     runs = os.path.join(args.runs, "smoke" if args.smoke else "full")
     results_path = args.results or (os.path.join(runs, "dln_experiment.json") if args.smoke else RESULTS)
-    sdist = args.sdist or locate_sdist(download_dir=dln.SDIST_DIR)
+    sdist = args.sdist or locate_sdist(download_dir=SDIST_CACHE)
     t0 = time.perf_counter()
     from mops_kernels import load_backbone
     model, tok = load_backbone()

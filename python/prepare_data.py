@@ -1,10 +1,11 @@
 """Build the multi-task BIG-bench cache for MoPs training from the `bigbench` sdist (no install).
 
-    python python/prepare_data.py --out data/bigbench            # OUT/_sdist, else downloaded there
+    python python/prepare_data.py --out data/bigbench            # ~/.cache/mops_kernels/bigbench, else fetched there
     python python/prepare_data.py --sdist ~/bigbench-1.0.0.tar.gz --out data/bigbench
 
 The sdist is bigbench 1.0.0 from PyPI, checked by its sha256 (mops_kernels.training.data.BIGBENCH_SHA256)
-wherever it comes from; it is fetched as a file and only read (never built: no `pip download`).
+wherever it comes from; it is fetched by pip in --require-hashes mode (pip checks that hash before it
+runs anything of the archive) and then only read with tarfile, never installed.
 
 The 10 default tasks are generative (a string target, scored here by LM perplexity), have short
 instructions (most under 100 tokens, so a CPU run fits in an hour) and >= 200 examples, and were picked
@@ -32,7 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mops_kernels.training.data import check_sdist, find_sdist, prepare  # noqa: E402
+from mops_kernels.training.data import SDIST_CACHE, check_sdist, find_sdist, prepare  # noqa: E402
 
 DEFAULT_TASKS = ("qa_wikidata", "word_unscrambling", "cryptonite", "tense", "auto_categorization",
                  "object_counting", "matrixshapes", "international_phonetic_alphabet_transliterate",
@@ -49,8 +50,7 @@ def main(argv=None):
     ap.add_argument("--min-examples", type=int, default=30)
     ap.add_argument("--fractions", default="0.75,0.125,0.125", help="train,validation,test")
     args = ap.parse_args(argv)
-    sdist = (check_sdist(args.sdist) if args.sdist else
-             find_sdist([os.path.join(args.out, "_sdist")], download_dir=os.path.join(args.out, "_sdist")))
+    sdist = check_sdist(args.sdist) if args.sdist else find_sdist([SDIST_CACHE], download_dir=SDIST_CACHE)
     manifest = prepare(sdist, args.out, args.tasks, seed=args.seed, max_examples=args.max_examples,
                        min_examples=args.min_examples,
                        fractions=tuple(float(x) for x in args.fractions.split(",")))

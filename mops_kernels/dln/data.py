@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -207,16 +206,12 @@ def load_bbh(sdist: str, task: str, *, index_file: str = INDEX_FILE, check: bool
 
 
 def locate_sdist(download_dir: Optional[str] = None) -> str:
-    """The bigbench sdist: $MOPS_BIGBENCH_SDIST, else training.data.find_sdist (the repository's
-    .cache/bb, pip's cache; downloaded into download_dir when given)."""
-    from ..training.data import find_sdist
+    """The pinned bigbench sdist (sha256-checked): $MOPS_BIGBENCH_SDIST, else training.data.find_sdist
+    over the default cache (training.data.SDIST_CACHE), downloaded into download_dir when given."""
+    from ..training.data import SDIST_CACHE, check_sdist, find_sdist
     env = os.environ.get("MOPS_BIGBENCH_SDIST")
     if env:
         if not os.path.isfile(env):
             raise FileNotFoundError(f"MOPS_BIGBENCH_SDIST={env} is not a file")
-        return env
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    local = sorted(glob.glob(os.path.join(repo, ".cache", "bb", "bigbench-*.tar.gz")))
-    if local:                                   # the repository's own copy: no pip call needed
-        return local[-1]
-    return find_sdist([os.path.join(repo, ".cache", "bb")], download_dir=download_dir)
+        return check_sdist(env)
+    return find_sdist([SDIST_CACHE], download_dir=download_dir)

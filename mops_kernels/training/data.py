@@ -91,6 +91,9 @@ def split_examples(examples: Sequence[dict], seed: int, fractions=(0.8, 0.1, 0.1
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_SDIST = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+# Where the programs keep it by default (private to the user; MOPS_CACHE moves it).
+SDIST_CACHE = os.path.join(os.environ.get("MOPS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mops_kernels")),
+                           "bigbench")
 
 
 def sha256_file(path: str) -> str:
