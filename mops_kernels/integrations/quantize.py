@@ -32,8 +32,10 @@ imported, e.g. by touching `mops_kernels.MopsQuantConfig` or `mops_kernels.quant
   (on-the-fly quantization turns off its thread pool and reads each checkpoint tensor only when it
   is converted), and each decoder linear's weight goes straight through `_QuantizeOp` into an
   `Int4Linear` that replaces the still-empty (meta) nn.Linear. At no time is more than one decoder
-  linear held in float: peak memory is the quantized model + one float linear + the float
-  embedding / head, which are quantized after loading (they are tied while transformers loads).
+  linear held in float: peak memory is the quantized model + one float linear and the quantization
+  temporaries + the float embedding / head, which are quantized after loading (transformers ties
+  them while it loads). `benchmarks/bench_quantize.py --load-memory` measures it; tests check that
+  every other decoder linear is still empty or already quantized when one is converted.
 - a checkpoint saved from a quantized model (config.json carries quant_method "mops"): the skeleton
   gets empty Int4Linear / QuantEmbedding modules and the stored codes, scales and mins load into
   them as they are: no re-quantization.
