@@ -11,13 +11,24 @@ DynamicCache, then argmax), on SmolLM2-135M-Instruct:
 tokens/s = B / median step time. Rows go to benchmarks/results/quantize_decode-<device>.jsonl with
 the device, versions and the machine load (os.getloadavg) at the start of each row.
 
+--load-memory: the memory of `from_pretrained` with `quantization_config=MopsQuantConfig()` against
+the plain float load, each in a fresh process, on a random fp32 Llama checkpoint written to a temp
+dir (8 layers, d = 1024, 396 MiB). Linux only: it reads the process's anonymous resident memory
+(RssAnon, /proc/self/status) before, at every `_QuantizeOp` call (each decoder linear) and after
+loading. A float load keeps its weights as views of the checkpoint's mmap (file-backed pages, not
+anonymous); the quantized load streams each float weight from those pages and keeps only codes.
+
     python3 benchmarks/bench_quantize.py                    # B = 1, 8; prompt 32 tokens
     python3 benchmarks/bench_quantize.py --batches 1,8,32 --reps 30
+    python3 benchmarks/bench_quantize.py --load-memory
 """
 import argparse
 import copy
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 # As in bench_e2e / python/demo.py: OpenMP threads spinning while they wait collapse on a shared CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -45,13 +56,74 @@ def load_note() -> str:
     return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
+MEMORY_CONFIG = dict(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                     num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=True)
+
+
+def _anon_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+
+def _load_child(mode: str, path: str) -> None:
+    """In a fresh process: load `path` float or quantized, print RssAnon before / peak / after (MiB)."""
+    from transformers import AutoModelForCausalLM
+    from mops_kernels.integrations import quantize as mq
+
+    samples = [_anon_mib()]
+    convert = mq._QuantizeOp.convert
+
+    def sampled(self, *args, **kwargs):
+        samples.append(_anon_mib())                 # the float weight of one linear is materialized
+        out = convert(self, *args, **kwargs)
+        samples.append(_anon_mib())
+        return out
+    mq._QuantizeOp.convert = sampled
+    kw = {} if mode == "float" else dict(quantization_config=mops_kernels.MopsQuantConfig())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+    samples.append(_anon_mib())
+    kept = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    print(json.dumps(dict(before=samples[0], peak=max(samples), after=samples[-1], state_mib=kept)))
+
+
+def load_memory() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    bench = Bench("quantize_load_memory", "cpu", save=False)        # its device, versions and path
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **MEMORY_CONFIG)).save_pretrained(d)
+        size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+        rows = []
+        for mode in ("float", "mops"):
+            run = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", mode, d],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            r.update(bench=bench.name, provider=mode, checkpoint_mib=size / 2**20, shapes=MEMORY_CONFIG,
+                     device=bench.device_name, versions=bench.versions, note=load_note(), command=bench.command,
+                     time=bench.stamp)
+            rows.append(r)
+            print(f"{mode:<6} checkpoint {size / 2**20:6.0f} MiB  RssAnon before {r['before']:6.0f}  peak "
+                  f"{r['peak']:6.0f} (+{r['peak'] - r['before']:.0f})  after {r['after']:6.0f} MiB  "
+                  f"state_dict {r['state_mib']:6.0f} MiB", flush=True)
+    with open(bench.path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--load-memory", action="store_true", help="peak memory of the quantized load instead")
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._child:
+        return _load_child(*args._child)
+    if args.load_memory:
+        return load_memory()
     batches = [int(b) for b in args.batches.split(",")]
 
     base = load_float()

@@ -62,7 +62,7 @@ def _logits(model, ids, mask):
 
 
 def _state(model):
-    return {k: v for k, v in model.state_dict().items()}
+    return dict(model.state_dict())
 
 
 def _assert_same_state(a, b):
@@ -77,7 +77,7 @@ def _assert_same_state(a, b):
 # -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_logits_equal_dequantized_float_model(family, dtype):
+def test_logits_equal_dequantized_float_model(family, dtype, monkeypatch):
     original = _tiny(family, dtype)
     model = copy.deepcopy(original)
     assert mops_kernels.quantize_(model) is model
@@ -89,7 +89,12 @@ def test_logits_equal_dequantized_float_model(family, dtype):
     ids, mask = left_padded()
     ref32 = dequantized_twin(original, model, torch.float32)           # fp32 oracle
     plain = dequantized_twin(original, model, dtype)                   # plain PyTorch in dtype
-    out, ref, pl = _logits(model, ids, mask), _logits(ref32, ids, mask), _logits(plain, ids, mask)
+    calls = []
+    real = mops_kernels.prefix_attention
+    monkeypatch.setattr(mops_kernels, "prefix_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = _logits(model, ids, mask)
+    assert len(calls) == model.config.num_hidden_layers                        # our attention, every layer
+    ref, pl = _logits(ref32, ids, mask), _logits(plain, ids, mask)
     assert tol_ok(out, ref, pl, dtype), (rel_err(out, ref), rel_err(pl, ref))
     want = plain.generate(input_ids=ids, attention_mask=mask, **GEN)              # greedy, left-padded
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GEN), want)

@@ -32,8 +32,10 @@ imported, e.g. by touching `mops_kernels.MopsQuantConfig` or `mops_kernels.quant
   (on-the-fly quantization turns off its thread pool and reads each checkpoint tensor only when it
   is converted), and each decoder linear's weight goes straight through `_QuantizeOp` into an
   `Int4Linear` that replaces the still-empty (meta) nn.Linear. At no time is more than one decoder
-  linear held in float: peak memory is the quantized model + one float linear + the float
-  embedding / head, which are quantized after loading (they are tied while transformers loads).
+  linear held in float: peak memory is the quantized model + one float linear and the quantization
+  temporaries + the float embedding / head, which are quantized after loading (transformers ties
+  them while it loads). `benchmarks/bench_quantize.py --load-memory` measures it; tests check that
+  every other decoder linear is still empty or already quantized when one is converted.
 - a checkpoint saved from a quantized model (config.json carries quant_method "mops"): the skeleton
   gets empty Int4Linear / QuantEmbedding modules and the stored codes, scales and mins load into
   them as they are: no re-quantization.
@@ -49,7 +51,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..families import family
-from ..modules.int4_linear import Int4Linear
+from ..modules.int4_linear import Int4Linear, replace_linears
 from ..modules.quant_embedding import QuantEmbedding
 from ..ops.quant_format import GROUP_SIZE_8BIT, GROUP_SIZES_4BIT, QuantizedWeight, int8_quantize, quantize
 from .attention import use_mops_attention
@@ -155,9 +157,8 @@ def quantize_(model, bits: int = 4, group_size: int = 32, *, quantize_head: bool
     quantize_head: the token embedding and the output head to Q8_0 too (default True; a tied pair
         stays tied, one copy of the codes); False keeps both float.
     Returns `model`."""
-    targets = _targets(model, bits, group_size, quantize_head)      # raises before any change
-    for name, lin in targets:
-        _replace(model, name, Int4Linear.from_linear(lin, bits=bits, group_size=group_size))
+    names = {name for name, _ in _targets(model, bits, group_size, quantize_head)}   # raises before any change
+    replace_linears(model, bits=bits, group_size=group_size, should_replace=lambda name, _: name in names)
     if quantize_head:
         _quantize_head(model)
     use_mops_attention(model)
