@@ -274,3 +274,170 @@ def test_engine_refuses_a_sliding_window_shorter_than_its_cache(family, config):
         Engine(model, max_batch=2, max_len=64)
     Engine(model, max_batch=2, max_len=8)          # the window covers the whole cache: exact, accepted
     Engine(tiny_model(family), max_batch=2, max_len=64)   # no window shorter than the cache
+
+
+# ------------------------------------------------------------------------- safe to serve from (issue 14)
+def _solo(model, prompts, ids, new, **kw):
+    """The tokens of one request alone in its own Engine (the oracle of the isolation tests)."""
+    eng = Engine(model, prompts, max_batch=1, max_len=48, eos_token_id=[])
+    r = eng.submit(ids, max_new_tokens=new, **kw)
+    eng.run_until_done()
+    return r.tokens
+
+
+def test_a_failing_callback_ends_only_its_request():
+    model = tiny_model(seed=6)
+    eng = Engine(model, None, max_batch=3, max_len=48, eos_token_id=[])
+    prompts = _prompts(4, seed=17)
+
+    def bad(req, tok):
+        if len(req.tokens) == 3:
+            raise RuntimeError("client went away")
+    reqs = [eng.submit(p, max_new_tokens=7, on_token=bad if i == 1 else None) for i, p in enumerate(prompts)]
+    eng.run_until_done()
+    assert reqs[1].finish_reason == "error" and "client went away" in str(reqs[1].error)
+    assert len(reqs[1].tokens) == 3 and reqs[1].slot is not None and eng.slots[reqs[1].slot] is not reqs[1]
+    for i in (0, 2, 3):                                   # request 3 took the freed slot
+        assert reqs[i].finish_reason == "length" and reqs[i].tokens == _solo(model, None, prompts[i], 7)
+    assert all(s is None for s in eng.slots)
+
+
+def test_a_failing_prefill_ends_only_its_request():
+    """The gate's output is checked where it enters: a NaN weight for one request fails that request alone
+    (the batched prefill is retried one by one); the others get their solo tokens and gate choice."""
+    model = tiny_model(seed=7)
+    mops = tiny_mops(model)
+    gate_fwd = type(mops.gate).forward
+    poison = {}
+
+    def gate(self, hidden, mask):
+        gi, gw = gate_fwd(self, hidden, mask)
+        bad = (mask.sum(1) == poison.get("len", -1)).view(-1, 1)
+        return gi, gw.masked_fill(bad, float("nan"))
+    mops.gate.forward = gate.__get__(mops.gate)
+    prompts = _prompts(3, seed=19)
+    poison["len"] = prompts[1].numel()
+    assert sum(p.numel() == poison["len"] for p in prompts) == 1
+    eng = Engine(model, mops, max_batch=3, max_len=48, eos_token_id=[])
+    reqs = [eng.submit(p, max_new_tokens=5) for p in prompts]
+    eng.run_until_done()
+    assert reqs[1].finish_reason == "error" and "weights finite" in str(reqs[1].error) and not reqs[1].tokens
+    for i in (0, 2):
+        assert reqs[i].tokens == _solo(model, mops, prompts[i], 5)
+        idx, w = reqs[i].experts                          # the gate's choice, recorded
+        assert len(idx) == 2 and all(0 <= j < 5 for j in idx)
+        assert reqs[i].tokens == _solo(model, mops, prompts[i], 5, expert_index=idx, expert_weight=w)
+    assert all(s is None for s in eng.slots) and int(eng.cache.active.sum()) == 0
+
+
+def test_submit_refuses_bad_input_and_the_old_top_k_name():
+    model = tiny_model()
+    eng = Engine(model, tiny_mops(model, with_gate=False), max_batch=2, max_len=40)
+    for ids, what in (([1, -2, 3], r"\[-2, 3\]"), ([1, 97], r"\[1, 97\]")):
+        with pytest.raises(ValueError, match="token ids must be in \\[0, 97\\).*" + what):
+            eng.submit(ids, expert_index=[1])
+    with pytest.raises(ValueError, match="ids must be integer"):
+        eng.submit(torch.tensor([1.0, 2.0]), expert_index=[1])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        eng.submit([1, 2], expert_index=[1], max_new_tokens=-1)
+    with pytest.raises(ValueError, match="expert_weight must be finite"):
+        eng.submit([1, 2], expert_index=[1, 2], expert_weight=[0.5, float("inf")])
+    with pytest.raises(ValueError, match="expert_weight given without"):
+        eng.submit([1, 2], expert_weight=[1.0])
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        eng.submit([1, 2], expert_index=[1], do_sample=True, top_k=-3)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        eng.submit([1, 2], expert_index=[1], stop=["#"])
+    assert not eng.waiting
+    with pytest.raises(TypeError, match="renamed Engine\\(experts_per_request=\\)"):
+        Engine(model, None, top_k=2)
+    eng = Engine(model, tiny_mops(model, with_gate=False), max_len=20, experts_per_request=3)
+    assert eng.cache.index.shape[1] == 3
+
+
+def test_max_new_tokens_zero_scores_the_prompt():
+    """0 new tokens: no token, finish "length"; prompt log-probs equal a plain forward's log_softmax."""
+    model = tiny_model(seed=8)
+    eng = Engine(model, None, max_batch=2, max_len=30)
+    p = _prompts(1, seed=23)[0]
+    r = eng.submit(p, max_new_tokens=0, prompt_logprobs=3)
+    r2 = eng.submit(p, max_new_tokens=2, logprobs=2)
+    eng.run_until_done()
+    assert r.done and r.tokens == [] and r.finish_reason == "length"
+    with torch.no_grad():
+        lp = model(p.view(1, -1)).logits[0].float().log_softmax(-1)
+    assert r.prompt_token_logprobs[0] is None and len(r.prompt_token_logprobs) == p.numel()
+    for t in range(1, p.numel()):
+        got, top = r.prompt_token_logprobs[t]
+        assert abs(got - float(lp[t - 1, p[t]])) < 1e-4
+        assert list(top) == lp[t - 1].topk(3).indices.tolist()
+    got, top = r2.token_logprobs[0]
+    assert abs(got - float(lp[-1].max())) < 1e-4 and len(top) == 2 and r2.tokens[0] == int(lp[-1].argmax())
+
+
+def test_eos_from_generation_config_and_stop_strings():
+    from _serving_doubles import tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = tiny_model(seed=9)
+    p = _prompts(1, seed=29)[0]
+    free = _solo(model, None, p, 12)
+    model.generation_config.eos_token_id = free[4]          # EOS read from the model when not given
+    eng = Engine(model, None, max_batch=2, max_len=40, tokenizer=tok)
+    r = eng.submit(p, max_new_tokens=12)
+    eng.run_until_done()
+    assert r.tokens == free[:free.index(free[4]) + 1] and r.finish_reason == "eos"
+    text = tok.decode(free)
+    stop = text[5:7]                                         # two characters the greedy text produces
+    eng = Engine(model, None, max_batch=2, max_len=40, tokenizer=tok, eos_token_id=[])
+    r = eng.submit(p, max_new_tokens=12, stop=["@@never", stop])
+    eng.run_until_done()
+    cut = text.index(stop)
+    assert r.finish_reason == "stop" and r.stop_string == stop and r.tokens == free[:cut + 2]
+    assert eng.text(r) == text[:cut]
+
+
+# -------------------------------------------------------------------- the GPU path, proven on the CPU
+def test_decode_step_reads_nothing_on_the_host(monkeypatch):
+    """The decode step (int4 fused projections, prefix bank, IAPT-free) calls no host read: it can be
+    captured in a CUDA graph and costs no device sync eagerly."""
+    model = _int4_tiny(seed=2)
+    mops = tiny_mops(model)
+    eng = Engine(model, mops, max_batch=3, max_len=40, eos_token_id=[])
+    for p, e in zip(_prompts(2, seed=31), ([0, 3], None)):
+        eng.submit(p, expert_index=e, max_new_tokens=4)
+    eng.step()                                               # prefill + one eager step
+    S = max(eng.cache.host_lens) + 1
+
+    def no_host_read(*a, **k):
+        raise AssertionError("host read inside the decode step")
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_host_read)
+    with torch.inference_mode():
+        logits = eng._decode_step(2, S)
+    monkeypatch.undo()
+    assert logits.shape == (2, 97) and bool(torch.isfinite(logits).all())
+
+
+def test_failed_graph_capture_gives_the_eager_tokens(monkeypatch):
+    """A capture that fails after its two warm-up steps (which write mask, lens, K and V) restores the
+    cache in `finally`: the eager fallback then decodes exactly the tokens of an eager engine."""
+    model = tiny_model(seed=10)
+    mops = tiny_mops(model)
+    prompts = _prompts(3, seed=37)
+    eager = Engine(model, mops, max_batch=4, max_len=48, eos_token_id=[])
+    want = [eager.submit(p, max_new_tokens=6) for p in prompts]
+    eager.run_until_done()
+    eng = Engine(model, mops, max_batch=4, max_len=48, eos_token_id=[])
+    eng.graphs.enabled = True                                # as on a GPU
+    warm = []
+    orig = eng.graphs.warm_up
+    monkeypatch.setattr(eng.graphs, "warm_up", lambda m: warm.append(m) or orig(m))
+
+    def record(m):
+        raise RuntimeError("capture failed")
+    monkeypatch.setattr(eng.graphs, "record", record)
+    reqs = [eng.submit(p, max_new_tokens=6) for p in prompts]
+    with pytest.warns(UserWarning, match="capture failed"):
+        eng.run_until_done()
+    assert warm == [4] and not eng.use_graph
+    assert [r.tokens for r in reqs] == [r.tokens for r in want]
