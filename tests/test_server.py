@@ -83,6 +83,9 @@ def test_stream_chunks_concatenate_to_the_text(tiny):
         assert "".join(ch.choices[0].text for ch in chunks) == whole.choices[0].text
         assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
         assert len(chunks) > 3
+        last = list(c.completions.create(model="mops", prompt=prompt, max_tokens=30, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))[-1]
+        assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
     # a stop string: excluded from the text, streamed or not
     _, text = solo(tiny, PROMPTS[1], "mops", 30)
     stop = text[6:8]
@@ -267,6 +270,7 @@ def test_serve_py_smollm2_completions_equal_the_engine():
             lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
         got = out.choices[0].logprobs.token_logprobs
         assert max(abs(got[t] - float(lp[t - 1, ids[t]])) for t in range(1, len(ids))) < 1e-4
+        _readme_examples_run(port)
     finally:
         proc.terminate()
         try:
@@ -274,3 +278,17 @@ def test_serve_py_smollm2_completions_equal_the_engine():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def _readme_examples_run(port):
+    """The README's curl and openai examples, pointed at this server's port, run and answer."""
+    import re
+    import shutil
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("### The OpenAI-compatible server"):]
+    curl = re.search(r"```bash\n(curl .*?)```", section, re.S).group(1).replace("8000", str(port))
+    py = re.search(r"```python\n(.*?)```", section, re.S).group(1).replace("8000", str(port))
+    if shutil.which("curl"):
+        out = json.loads(subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120).stdout)
+        assert out["choices"][0]["finish_reason"] in ("stop", "length") and out["choices"][0]["experts"]
+    exec(compile(py, "README.md", "exec"), {})

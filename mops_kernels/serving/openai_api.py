@@ -6,7 +6,7 @@
 
 Endpoints (OpenAI semantics): GET /v1/models; POST /v1/completions (prompt: a string, a list of
 strings, token ids or lists of them, one choice each; max_tokens, temperature (0: greedy), top_p,
-top_k, seed, stop, n=1, stream, logprobs, echo); POST /v1/chat/completions (the tokenizer's chat
+top_k, seed, stop, n=1, stream, stream_options.include_usage, logprobs, echo); POST /v1/chat/completions (the tokenizer's chat
 template; stream); GET /health (status and the Engine's running / waiting counts).
 `model` selects the prompt set: `models[name]` is {"kind": "base" | "mops" | "peft", "expert_index":
 slots or None}. A MoPs bank's gate picks per request unless the extra body fields `expert_index` /
@@ -370,7 +370,8 @@ class Server:
         reqs, events = await self._submit(items)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
-            return self._stream(reqs, events, request, prompts if echo else None,
+            usage = self._usage_chunk(body, cid, "text_completion", created, name, sum(len(p[0]) for p in prompts))
+            return self._stream(reqs, events, request, prompts if echo else None, usage,
                                 lambda i, text, fin, req: {
                                     "id": cid, "object": "text_completion", "created": created, "model": name,
                                     "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": fin,
@@ -420,7 +421,8 @@ class Server:
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                         "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": fin,
                                      **({"experts": self._experts_out(req)} if fin else {})}]}
-            return self._stream(reqs, events, request, None, chunk, first={
+            usage = self._usage_chunk(body, cid, "chat.completion.chunk", created, name, len(ids))
+            return self._stream(reqs, events, request, None, usage, chunk, first={
                 "id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}]})
@@ -447,7 +449,18 @@ class Server:
                 raise self._failed(r)
         return reqs
 
-    def _stream(self, reqs, events, request, echo_prompts, chunk, first=None):
+    @staticmethod
+    def _usage_chunk(body, cid, obj, created, name, prompt_tokens):
+        """stream_options.include_usage: a last chunk with no choices and the usage (None: not asked)."""
+        opts = body.get("stream_options")
+        if opts is not None and not isinstance(opts, dict):
+            raise _bad("stream_options", f"must be an object, got {opts!r}")
+        if not (opts or {}).get("include_usage"):
+            return None
+        return {"id": cid, "object": obj, "created": created, "model": name, "choices": [],
+                "usage": {"prompt_tokens": prompt_tokens}}
+
+    def _stream(self, reqs, events, request, echo_prompts, usage, chunk, first=None):
         async def gen():
             tokens = [[] for _ in reqs]
             sent = [""] * len(reqs)
@@ -474,6 +487,10 @@ class Server:
                     if kind == "done":
                         left.discard(i)
                         yield f"data: {json.dumps(chunk(i, '', self._finish(req), req))}\n\n"
+                if usage is not None:
+                    n = sum(len(r.tokens) for r in reqs)
+                    usage["usage"].update(completion_tokens=n, total_tokens=usage["usage"]["prompt_tokens"] + n)
+                    yield f"data: {json.dumps(usage)}\n\n"
                 yield "data: [DONE]\n\n"
             except ClientGone:
                 pass
