@@ -103,30 +103,6 @@ async def http_load(url, jobs, max_tokens, time_limit, model_names=True):
     return stats(len(jobs), finished[0], wall, tokens[0], ttft, gaps)
 
 
-def wait_healthy(url, proc, timeout):
-    import httpx
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"no healthy server at {url} within {timeout} s")
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 # ------------------------------------------------------------------------------------- Engine alone
 def engine_load(eng, tok, jobs, max_tokens, time_limit):
     """The same requests with len(jobs) in flight (each client's next request once its last finished)."""
@@ -170,11 +146,13 @@ def main():
     args = ap.parse_args()
     if max(args.clients) > 64 or args.requests > 20:
         raise SystemExit("bounded load: at most 64 clients and 20 requests per client")
+    if args.llama_server and not os.path.isfile(args.llama_server):
+        raise SystemExit(f"--llama-server / LLAMA_SERVER {args.llama_server}: no such file")
 
     import mops_kernels
     from mops_kernels.serving import Engine
     from mops_kernels.integrations.backbone import default_gguf_path
-    from mops_kernels.serving.openai_api import free_port
+    from mops_kernels.serving.openai_api import ServerProcess, free_port
 
     gguf = args.backbone or default_gguf_path()
     max_batch = max(args.clients)
@@ -198,15 +176,11 @@ def main():
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, os.path.join(ROOT, "python", "serve.py"), "--port", str(port), "--backbone", gguf,
            "--max-batch", str(max_batch), "--max-len", str(args.max_len), "--device", args.device]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    try:
-        wait_healthy(url, proc, 300)
+    with ServerProcess(cmd, url, 300, cwd=ROOT):
         asyncio.run(http_load(url, workload(1, 1), args.max_tokens, 60))                  # warm-up
         for n in args.clients:
             record("server", asyncio.run(http_load(url, workload(n, args.requests), args.max_tokens,
                                                    args.time_limit)))
-    finally:
-        stop(proc)
 
     # 2. the Engine alone, same requests, same N in flight
     model, tok = mops_kernels.load_backbone(gguf, device=args.device)
@@ -218,21 +192,15 @@ def main():
 
     # 3. llama.cpp's llama-server, when a build is given
     if args.llama_server:
-        if not os.path.isfile(args.llama_server):
-            raise SystemExit(f"--llama-server {args.llama_server}: no such file")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
-                                 "-np", str(max_batch), "-c", str(args.max_len * max_batch)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_healthy(url, proc, 120)
+        cmd = [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(max_batch),
+               "-c", str(args.max_len * max_batch)]
+        with ServerProcess(cmd, url, 120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
             asyncio.run(http_load(url, workload(1, 1), args.max_tokens, 60, model_names=False))
             for n in args.clients:
                 record("llama-server", asyncio.run(http_load(url, workload(n, args.requests), args.max_tokens,
                                                              args.time_limit, model_names=False)))
-        finally:
-            stop(proc)
     else:
         print("llama-server: no build given (--llama-server or LLAMA_SERVER): skipped")
 

@@ -17,7 +17,7 @@ import torch
 from _hf_doubles import tiny_model, tiny_mops
 from _serving_doubles import tiny_tokenizer
 from mops_kernels.serving import Engine
-from mops_kernels.serving.openai_api import BackgroundServer, create_app, free_port
+from mops_kernels.serving.openai_api import BackgroundServer, ServerProcess, create_app, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"base": {"kind": "base", "expert_index": [-1]}, "mops": {"kind": "mops", "expert_index": None},
@@ -236,21 +236,10 @@ def test_serve_py_smollm2_completions_equal_the_engine():
     """python/serve.py as a process (SmolLM2 Q4_1 + the shipped bank as "mops"), stopped by the test."""
     import mops_kernels
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python", "serve.py"), "--port", str(port),
-                             "--max-batch", "2", "--max-len", "96", "--device", "cpu"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        t0 = time.monotonic()
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).json()["status"] == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() - t0 < 180, "serve.py did not start within 180 s"
-            time.sleep(0.5)
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, os.path.join(ROOT, "python", "serve.py"), "--port", str(port), "--max-batch", "2",
+           "--max-len", "96", "--device", "cpu"]
+    with ServerProcess(cmd, url, start_timeout=180, cwd=ROOT):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
         model, tok = mops_kernels.load_backbone()
         mops = mops_kernels.load_shipped(model)
@@ -271,13 +260,6 @@ def test_serve_py_smollm2_completions_equal_the_engine():
         got = out.choices[0].logprobs.token_logprobs
         assert max(abs(got[t] - float(lp[t - 1, ids[t]])) for t in range(1, len(ids))) < 1e-4
         _readme_examples_run(port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def _readme_examples_run(port):

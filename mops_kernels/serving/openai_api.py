@@ -598,3 +598,45 @@ class BackgroundServer:
             self.server.force_exit = True
             self.thread.join(5)
         return False
+
+
+class ServerProcess:
+    """A server command (python/serve.py, llama-server) as a child process: started, waited for until
+    GET {url}/health answers 200 (bounded), terminated (then killed) on exit. `with ServerProcess(cmd,
+    url) as p: ...`; p.proc is the Popen."""
+
+    def __init__(self, cmd, url, start_timeout=180.0, **popen_kw):
+        self.cmd, self.url, self.start_timeout, self.popen_kw = list(cmd), url, start_timeout, popen_kw
+        self.proc = None
+
+    def __enter__(self):
+        import subprocess
+
+        import httpx
+        self.proc = subprocess.Popen(self.cmd, **self.popen_kw)
+        t0 = time.monotonic()
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.cmd[:2]} exited with {self.proc.returncode} before serving")
+                try:
+                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() - t0 > self.start_timeout:
+                    raise RuntimeError(f"no healthy server at {self.url} within {self.start_timeout} s")
+                time.sleep(0.5)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc):
+        import subprocess
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        return False
