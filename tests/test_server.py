@@ -154,6 +154,42 @@ def test_16_concurrent_clients_each_get_their_solo_answer(tiny):
         assert text == solo(tiny, p, m, n)[1], (p, m, n)
 
 
+def test_one_requests_failure_never_touches_the_others(tiny, monkeypatch):
+    """A request whose stop check raises inside the Engine answers 500 (streamed: an error event); the
+    requests running beside it get their solo answers."""
+    from mops_kernels.serving.sampling import StopStrings
+    hit = StopStrings.hit
+
+    def boom(self, tokens):
+        if "BOOM" in self.strings and len(tokens) == 3:
+            raise RuntimeError("stop check failed")
+        return hit(self, tokens)
+    monkeypatch.setattr(StopStrings, "hit", boom)
+    url = tiny["srv"].url + "/v1"
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120) as ac:
+            async def ok(p):
+                return (await ac.completions.create(model="mops", prompt=p, max_tokens=12, temperature=0)).choices[0].text
+
+            async def bad():
+                with pytest.raises(openai.InternalServerError, match="stop check failed"):
+                    await ac.completions.create(model="mops", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                                stop=["BOOM"])
+
+            async def bad_stream():
+                parts = await ac.completions.create(model="base", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                                    stop=["BOOM"], stream=True)
+                with pytest.raises(openai.APIError, match="stop check failed"):
+                    async for _ in parts:
+                        pass
+            return await asyncio.gather(ok(PROMPTS[2]), bad(), ok(PROMPTS[3]), bad_stream(), ok(PROMPTS[4]))
+    texts = asyncio.run(run())
+    for p, text in zip((PROMPTS[2], PROMPTS[3], PROMPTS[4]), (texts[0], texts[2], texts[4])):
+        assert text == solo(tiny, p, "mops", 12)[1]
+    assert all(s is None for s in tiny["engine"].slots)
+
+
 def _long_prompt(t, n):
     """A prompt whose greedy answer runs n tokens without EOS."""
     for p in PROMPTS + [f"{i}: " for i in range(40)]:
