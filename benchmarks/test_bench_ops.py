@@ -27,6 +27,9 @@ Before timing, every case checks its output once against mops_kernels.reference 
 values; nothing here asserts a time). Each row's extra_info holds the device, versions, shapes,
 dtype, the backend that ran, the load average when the case started, and bytes / FLOPs per call
 with GB/s and GFLOP/s over the median. A shared machine's timings are noise: read the load average.
+On a busy machine torch's and the kernels' OpenMP threads wait on descheduled siblings and the medians
+jump to multiples of the scheduler's time slice (16 or 32 ms for a 60 us call, seen at load 7 on 2
+cores); OMP_NUM_THREADS=1 gives per-call figures there (torch_threads and OMP_* are in extra_info).
 """
 import os
 
