@@ -30,7 +30,8 @@ namespace int4cpu {
 // int4_matmul_cpu_avx2.cpp (x86 only: never called elsewhere, cpu_isa says base there)
 void q4_chunk_avx2(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s,
                    const uint16_t* mn, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
-                   int64_t pass, int64_t b, int64_t e);
+                   int64_t pass, int64_t b, int64_t e, int64_t K128);
+int64_t wide_columns_avx2(int64_t K, int64_t G, bool allow);  // the avx2 copy's 128-column part of K
 void q8_chunk_avx2(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M,
                    int64_t N, int64_t K, int64_t G, int64_t pass, int64_t b, int64_t e);
 }  // namespace int4cpu
@@ -277,7 +278,7 @@ void parallel_chunks(int64_t n, int64_t grain, int64_t work, const F& f) {
 }
 
 void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s, const uint16_t* mn,
-             float* y, int64_t M, int64_t N, int64_t K, int64_t G) {
+             float* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t K128) {
   const int64_t pass = rows_per_pass(K);
 #if defined(__x86_64__) || defined(__i386__)
   const bool avx2 = isa::active() == isa::kAvx2;
@@ -286,9 +287,9 @@ void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_
 #endif
   parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
 #if defined(__x86_64__) || defined(__i386__)
-    if (avx2) return int4cpu::q4_chunk_avx2(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e);
+    if (avx2) return int4cpu::q4_chunk_avx2(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
 #endif
-    int4cpu::base::q4_chunk(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e);
+    int4cpu::base::q4_chunk(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
   });
 }
 
@@ -337,11 +338,19 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     float* xsum = xp + Mpad * K;
     std::fill(xp + M * K, xp + Mpad * K, 0.f);  // padding rows: zeros
     std::fill(xsum + M * ng, xsum + Mpad * ng, 0.f);
-    int4cpu::base::prepare_x(xf.data_ptr<float>(), xp, xsum, M, K, group_size, (int)bits);
+    // columns in the AVX-512 layout (the avx2 copy built with AVX-512 only), unless
+    // MOPS_INT4_CPU_AVX512=0 (tests compare both layouts)
+    const char* wide_env = std::getenv("MOPS_INT4_CPU_AVX512");
+    int64_t K128 = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    if (bits == 4 && isa::active() == isa::kAvx2)
+      K128 = int4cpu::wide_columns_avx2(K, group_size, !(wide_env && wide_env[0] == '0'));
+#endif
+    int4cpu::base::prepare_x(xf.data_ptr<float>(), xp, xsum, M, K, group_size, (int)bits, K128);
     at::Tensor y = at::empty({M, N}, xf.options());
     if (bits == 4)
       gemv_q4(xp, xsum, qweight.data_ptr<uint8_t>(), half_ptr(scale), mn, y.data_ptr<float>(), M, N,
-              K, group_size);
+              K, group_size, K128);
     else
       gemv_q8(xp, qweight.data_ptr<int8_t>(), half_ptr(scale), y.data_ptr<float>(), M, N, K,
               group_size);

@@ -24,9 +24,11 @@ namespace int4cpu {
 
 void q4_chunk_avx2(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s,
                    const uint16_t* mn, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
-                   int64_t pass, int64_t b, int64_t e) {
-  avx2::q4_chunk(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e);
+                   int64_t pass, int64_t b, int64_t e, int64_t K128) {
+  avx2::q4_chunk(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
 }
+
+int64_t wide_columns_avx2(int64_t K, int64_t G, bool allow) { return avx2::wide_columns(K, G, allow); }
 
 void q8_chunk_avx2(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M,
                    int64_t N, int64_t K, int64_t G, int64_t pass, int64_t b, int64_t e) {

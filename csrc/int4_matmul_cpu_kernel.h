@@ -23,6 +23,14 @@
 // includes it as `base` (scalar code, any CPU: the build's baseline ISA); int4_matmul_cpu_avx2.cpp as
 // `avx2` with MOPS_INT4_AVX2 defined, under a target pragma (AVX2 + FMA + F16C intrinsics) whatever
 // the build flags. The glue runs the avx2 copy only when CPUID says the CPU has all three (cpu_isa.h).
+//
+// AVX-512 (F, BW, VL) "wide" layout, in the avx2 copy only when the build itself targets AVX-512
+// (MOPS_NATIVE=1 on such a machine; the default build's avx2 copy never has it) and G divides 128:
+// the same trick on a 64-byte load (128 columns, 16 words; word j = columns 8j..8j+7 of the chunk),
+// x permuted per 128 columns as xp[128b + 16e + j] = x[128b + 8j + e] * (e odd ? 1/16 : 1): half
+// the instructions per weight of the 8-lane code. A remaining 64-column chunk (K % 128 >= 64) keeps
+// the 8-lane order and code, a trailing 32-column block the natural order. wide_columns() decides,
+// for prepare_x and the kernels alike; MOPS_INT4_CPU_AVX512=0 (read per call) keeps the 8-lane layout.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +41,9 @@
 #endif
 #ifdef MOPS_INT4_AVX2
 #include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MOPS_INT4_AVX512 1
+#endif
 #endif
 
 namespace mops {
@@ -81,16 +92,31 @@ struct GroupOf {
   int64_t operator()(int64_t c) const { return sh >= 0 ? c >> sh : c / G; }
 };
 
-// xp [M, K]: x with every 32-column block permuted to [even | odd] (4-bit), or a copy (8-bit).
+// Columns [0, K128) of a 4-bit weight run in 128-column chunks (the AVX-512 layout above): K rounded
+// down to 128 when `allow` and the build has AVX-512 and G divides 128, else 0.
+inline int64_t wide_columns(int64_t K, int64_t G, bool allow) {
+#ifdef MOPS_INT4_AVX512
+  return allow && 128 % G == 0 ? K - K % 128 : 0;
+#else
+  (void)K; (void)G; (void)allow;
+  return 0;
+#endif
+}
+
+// xp [M, K]: x in the 4-bit kernels' order (columns [0, K128) in 128-column chunks, then 64-column
+// chunks, then a natural 32-column tail; see the top), or a copy (8-bit).
 // xsum [M, K/G]: per-group sums of x (4-bit only; may be null for 8-bit).
 inline void prepare_x(const float* x, float* xp, float* xsum, int64_t M, int64_t K, int64_t G,
-                      int bits) {
+                      int bits, int64_t K128 = 0) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     float* pr = xp + m * K;
     if (bits == 4) {
       const int64_t K64 = K - K % 64;
-      for (int64_t b = 0; b < K64; b += 64)
+      for (int64_t b = 0; b < K128; b += 128)
+        for (int e = 0; e < 8; ++e)
+          for (int j = 0; j < 16; ++j) pr[b + 16 * e + j] = xr[b + 8 * j + e] * (e % 2 ? 0.0625f : 1.f);
+      for (int64_t b = K128; b < K64; b += 64)
         for (int e = 0; e < 8; ++e)
           for (int j = 0; j < 8; ++j) pr[b + 8 * e + j] = xr[b + 8 * j + e] * (e % 2 ? 0.0625f : 1.f);
       for (int64_t c = K64; c < K; ++c) pr[c] = xr[c];
@@ -180,43 +206,106 @@ inline __m256 chunk_scale(const uint16_t* srow, int64_t c, const GroupOf& gof) {
   return _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_set1_epi16((short)srow[gof(c)]),
                                             _mm_set1_epi16((short)srow[gof(c + 32)])));
 }
+
+// Codes of one 64-column chunk, pair k of nibble positions: (t & 0x0f) and (t & 0xf0) of t = v >> 8k.
+inline void decode64(__m256i v, int k, __m256& w0, __m256& w1) {
+  const __m256i t = k ? _mm256_srli_epi32(v, 8 * k) : v;
+  w0 = _mm256_cvtepi32_ps(_mm256_and_si256(t, _mm256_set1_epi32(0x0f)));
+  w1 = _mm256_cvtepi32_ps(_mm256_and_si256(t, _mm256_set1_epi32(0xf0)));
+}
+#endif
+
+#ifdef MOPS_INT4_AVX512
+// The scales of one 128-column chunk (G divides 128) as 16 lanes: lane j covers columns
+// c + 8j .. c + 8j + 7, group c/G + 8j/G. The chunk's 128/G fp16 scales are loaded with a mask (no
+// read past the row) and spread to the lanes with one permute.
+struct WideScale {
+  __m256i idx;
+  __mmask8 mask;
+  explicit WideScale(int64_t G) {
+    alignas(32) uint16_t ix[16];
+    for (int j = 0; j < 16; ++j) ix[j] = (uint16_t)(8 * j / G);
+    idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(ix));
+    mask = (__mmask8)((1u << (128 / G)) - 1);
+  }
+  __m512 operator()(const uint16_t* srow, int64_t g) const {
+    const __m128i h = _mm_maskz_loadu_epi16(mask, srow + g);
+    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(idx, _mm256_castsi128_si256(h)));
+  }
+};
+
+inline void decode128(__m512i v, int k, __m512& w0, __m512& w1) {
+  const __m512i t = k ? _mm512_srli_epi32(v, 8 * k) : v;
+  w0 = _mm512_cvtepi32_ps(_mm512_and_si512(t, _mm512_set1_epi32(0x0f)));
+  w1 = _mm512_cvtepi32_ps(_mm512_and_si512(t, _mm512_set1_epi32(0xf0)));
+}
 #endif
 
 // M = 1: rows n in [n0, n1) of y [N], ROWS weight rows per step (independent FMA chains sharing the
 // x loads; two chains per row, even / odd nibble positions, so 2 * ROWS chains hide the FMA latency).
+// Columns [0, K128) in 128-column chunks (AVX-512), then 64-column chunks (AVX2), then the tail.
 template <int ROWS>
 void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint16_t* scale,
-              const uint16_t* mins, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1) {
+              const uint16_t* mins, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1,
+              int64_t K128 = 0) {
   const int64_t ng = K / G;
   const int64_t K64 = K - K % 64;
   const GroupOf gof(G);
+#ifdef MOPS_INT4_AVX512
+  const WideScale wscale(K128 ? G : 32);
+#endif
   for (int64_t n = n0; n + ROWS <= n1; n += ROWS) {
     float tail[ROWS][1];
     q4_tail<ROWS, 1>(xp, xsum, qw, scale, mins, K, G, n, 1, tail);
 #ifdef MOPS_INT4_AVX2
-    const __m256i lo = _mm256_set1_epi32(0x0f), hi = _mm256_set1_epi32(0xf0);
-    __m256 acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
-    // The next step's rows, one cache line per row every other chunk: with long rows (K = 1536)
+    // The next step's rows, one cache line per row every 128 columns: with long rows (K = 1536)
     // the hardware prefetcher does not keep up with ROWS interleaved streams from DRAM.
     const bool pf = n + 2 * ROWS <= n1;
-    for (int64_t c = 0; c < K64; c += 64) {
+    auto prefetch = [&](int64_t c) {
       if (pf && (c & 64) == 0)
         for (int r = 0; r < ROWS; ++r)
           _mm_prefetch(reinterpret_cast<const char*>(qw + (n + ROWS + r) * (K / 2) + c / 2), _MM_HINT_T0);
-      if (pf && c < 2 * ng)  // and their scales and mins (2 * ng bytes per row), a line per chunk
+      if (pf && c / 2 < 2 * ng && (c & 64) == 0)  // and their scales and mins (2 * ng bytes per row)
         for (int r = 0; r < ROWS; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(scale + (n + ROWS + r) * ng) + c, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(mins + (n + ROWS + r) * ng) + c, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(scale + (n + ROWS + r) * ng) + c / 2, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(mins + (n + ROWS + r) * ng) + c / 2, _MM_HINT_T0);
         }
+    };
+    float wide[ROWS];
+    for (int r = 0; r < ROWS; ++r) wide[r] = 0.f;
+#ifdef MOPS_INT4_AVX512
+    if (K128) {
+      __m512 acc[ROWS];
+      for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < K128; c += 128) {
+        prefetch(c);
+        __m512 d0[ROWS], d1[ROWS];
+        for (int k = 0; k < 4; ++k) {
+          const __m512 x0 = _mm512_loadu_ps(xp + c + 32 * k), x1 = _mm512_loadu_ps(xp + c + 32 * k + 16);
+          for (int r = 0; r < ROWS; ++r) {
+            __m512 w0, w1;
+            decode128(_mm512_loadu_si512(qw + (n + r) * (K / 2) + c / 2), k, w0, w1);
+            d0[r] = k ? _mm512_fmadd_ps(w0, x0, d0[r]) : _mm512_mul_ps(w0, x0);
+            d1[r] = k ? _mm512_fmadd_ps(w1, x1, d1[r]) : _mm512_mul_ps(w1, x1);
+          }
+        }
+        for (int r = 0; r < ROWS; ++r)
+          acc[r] = _mm512_fmadd_ps(_mm512_add_ps(d0[r], d1[r]), wscale(scale + (n + r) * ng, gof(c)), acc[r]);
+      }
+      for (int r = 0; r < ROWS; ++r) wide[r] = _mm512_reduce_add_ps(acc[r]);
+    }
+#endif
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = K128; c < K64; c += 64) {
+      prefetch(c);
       __m256 d0[ROWS], d1[ROWS];
       for (int k = 0; k < 4; ++k) {
         const __m256 x0 = _mm256_loadu_ps(xp + c + 16 * k), x1 = _mm256_loadu_ps(xp + c + 16 * k + 8);
         for (int r = 0; r < ROWS; ++r) {
-          __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (n + r) * (K / 2) + c / 2));
-          if (k) t = _mm256_srli_epi32(t, 8 * k);
-          const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(t, lo));
-          const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(t, hi));
+          __m256 w0, w1;
+          decode64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (n + r) * (K / 2) + c / 2)), k,
+                   w0, w1);
           d0[r] = k ? _mm256_fmadd_ps(w0, x0, d0[r]) : _mm256_mul_ps(w0, x0);
           d1[r] = k ? _mm256_fmadd_ps(w1, x1, d1[r]) : _mm256_mul_ps(w1, x1);
         }
@@ -224,7 +313,7 @@ void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint1
       for (int r = 0; r < ROWS; ++r)
         acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0[r], d1[r]), chunk_scale(scale + (n + r) * ng, c, gof), acc[r]);
     }
-    for (int r = 0; r < ROWS; ++r) y[n + r] = hsum256(acc[r]) + tail[r][0];
+    for (int r = 0; r < ROWS; ++r) y[n + r] = wide[r] + hsum256(acc[r]) + tail[r][0];
 #else
     for (int r = 0; r < ROWS; ++r) y[n + r] = q4_dot_scalar(xp, qw + (n + r) * (K / 2), scale + (n + r) * ng, K64, G) + tail[r][0];
 #endif
@@ -232,33 +321,55 @@ void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint1
 }
 
 // M > 1: rows n in [n0, n1) of y [M, N], rows of x in tiles of MT (1 or 4) whose dot products are
-// independent FMA chains; each 64-column chunk is decoded once into registers and reused for all M
-// rows. xp and xsum hold M rounded up to MT rows (zero padded), MAXM >= that.
+// independent FMA chains; each chunk (128 columns below K128, then 64) is decoded once into
+// registers and reused for all M rows. xp and xsum hold M rounded up to MT rows (zero padded),
+// MAXM >= that.
 template <int MT, int MAXM>
 void q4_rows(const float* xp, const float* xsum, const uint8_t* qw, const uint16_t* scale,
              const uint16_t* mins, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
-             int64_t n0, int64_t n1) {
+             int64_t n0, int64_t n1, int64_t K128 = 0) {
   const int64_t ng = K / G;
   const int64_t K64 = K - K % 64;
   const int mm = (int)(M < MAXM ? M : MAXM);
   const int mpad = (mm + MT - 1) / MT * MT;
   const GroupOf gof(G);
+#ifdef MOPS_INT4_AVX512
+  const WideScale wscale(K128 ? G : 32);
+#endif
   for (int64_t n = n0; n < n1; ++n) {
     float tail[1][MAXM];
     q4_tail<1, MAXM>(xp, xsum, qw, scale, mins, K, G, n, mm, tail);
     const uint8_t* row = qw + n * (K / 2);
 #ifdef MOPS_INT4_AVX2
-    const __m256i lo = _mm256_set1_epi32(0x0f), hi = _mm256_set1_epi32(0xf0);
+    float wide[MAXM];
+    for (int m = 0; m < mpad; ++m) wide[m] = 0.f;
+#ifdef MOPS_INT4_AVX512
+    if (K128) {
+      __m512 acc[MAXM];
+      for (int m = 0; m < mpad; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < K128; c += 128) {
+        const __m512i v = _mm512_loadu_si512(row + c / 2);
+        __m512 w[8];
+        for (int k = 0; k < 4; ++k) decode128(v, k, w[2 * k], w[2 * k + 1]);
+        const __m512 sv = wscale(scale + n * ng, gof(c));
+        for (int m0 = 0; m0 < mpad; m0 += MT) {
+          __m512 d[MT];
+          for (int k = 0; k < MT; ++k) d[k] = _mm512_setzero_ps();
+          for (int e = 0; e < 8; ++e)
+            for (int k = 0; k < MT; ++k)
+              d[k] = _mm512_fmadd_ps(w[e], _mm512_loadu_ps(xp + (m0 + k) * K + c + 16 * e), d[k]);
+          for (int k = 0; k < MT; ++k) acc[m0 + k] = _mm512_fmadd_ps(d[k], sv, acc[m0 + k]);
+        }
+      }
+      for (int m = 0; m < mpad; ++m) wide[m] = _mm512_reduce_add_ps(acc[m]);
+    }
+#endif
     __m256 acc[MAXM];
     for (int m = 0; m < mpad; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < K64; c += 64) {
+    for (int64_t c = K128; c < K64; c += 64) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
       __m256 w[8];
-      for (int k = 0; k < 4; ++k) {
-        const __m256i t = k ? _mm256_srli_epi32(v, 8 * k) : v;
-        w[2 * k] = _mm256_cvtepi32_ps(_mm256_and_si256(t, lo));
-        w[2 * k + 1] = _mm256_cvtepi32_ps(_mm256_and_si256(t, hi));
-      }
+      for (int k = 0; k < 4; ++k) decode64(v, k, w[2 * k], w[2 * k + 1]);
       const __m256 sv = chunk_scale(scale + n * ng, c, gof);
       for (int m0 = 0; m0 < mpad; m0 += MT) {
         __m256 d[MT];
@@ -269,7 +380,7 @@ void q4_rows(const float* xp, const float* xsum, const uint8_t* qw, const uint16
         for (int k = 0; k < MT; ++k) acc[m0 + k] = _mm256_fmadd_ps(d[k], sv, acc[m0 + k]);
       }
     }
-    for (int m = 0; m < mm; ++m) y[m * N + n] = hsum256(acc[m]) + tail[0][m];
+    for (int m = 0; m < mm; ++m) y[m * N + n] = wide[m] + hsum256(acc[m]) + tail[0][m];
 #else
     (void)mpad;  // the scalar path needs no padded rows
     for (int m = 0; m < mm; ++m)
@@ -356,17 +467,17 @@ inline void dequant_rows(const uint8_t* qw, const uint16_t* scale, const uint16_
 // in passes of `pass` (xp / xsum zero-padded to a multiple of 4 rows).
 inline void q4_chunk(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s,
                      const uint16_t* mn, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
-                     int64_t pass, int64_t b, int64_t e) {
+                     int64_t pass, int64_t b, int64_t e, int64_t K128) {
   const int64_t ng = K / G;
   if (M == 1) {
     const int64_t mid = b + (e - b) / 4 * 4;  // 4 rows per step, then the rest one by one
-    q4_gemv1<4>(xp, xsum, q, s, mn, y, K, G, b, mid);
-    q4_gemv1<1>(xp, xsum, q, s, mn, y, K, G, mid, e);
+    q4_gemv1<4>(xp, xsum, q, s, mn, y, K, G, b, mid, K128);
+    q4_gemv1<1>(xp, xsum, q, s, mn, y, K, G, mid, e, K128);
     return;
   }
   for (int64_t m0 = 0; m0 < M; m0 += pass)
     q4_rows<4, kMaxGemvM>(xp + m0 * K, xsum + m0 * ng, q, s, mn, y + m0 * N,
-                          pass < M - m0 ? pass : M - m0, N, K, G, b, e);
+                          pass < M - m0 ? pass : M - m0, N, K, G, b, e, K128);
 }
 
 inline void q8_chunk(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M,
