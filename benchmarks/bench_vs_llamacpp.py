@@ -182,10 +182,10 @@ class Ours:
         self.engines = {}
 
     def _engine(self, B, max_len):
-        from mops_kernels.integrations.engine import Engine
+        from mops_kernels.serving import Engine
         key = (B, max_len)
-        if key not in self.engines:
-            self.engines[key] = Engine(self.model, self.mops, max_batch=B, max_len=max_len)
+        if key not in self.engines:                 # no EOS: every request decodes all its steps
+            self.engines[key] = Engine(self.model, self.mops, max_batch=B, max_len=max_len, eos_token_id=[])
         return self.engines[key]
 
     def _prompts(self, B, T):
