@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   // ---- CPU ---------------------------------------------------------------------------------
   m.def("int4_matmul_cpu", &mops::int4_matmul_cpu, "y = x @ W^T, W block-quantized (4/8-bit), CPU");
+  m.def("int4_matmul_cpu_pre", &mops::int4_matmul_cpu_pre,
+        "int4_matmul_cpu of RMSNorm(x) (pre=1) or silu(x[:, :K]) * x[:, K:] (pre=2), decode step, CPU");
   m.def("int4_matmul_backward_cpu", &mops::int4_matmul_backward_cpu, "dx = dy @ W, W block-quantized, CPU");
   m.def("prefix_attention_cpu", &mops::prefix_attention_cpu,
         "gated prefix attention, decode (T = 1), pool read through the index, CPU");

@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <chrono>
 #include <condition_variable>
@@ -367,6 +368,44 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     at::mm_out(out, w, xf.t());
   }
   return yt.t().to(x.scalar_type()).contiguous();
+}
+
+at::Tensor int4_matmul_cpu_pre(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                               const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits,
+                               int64_t pre, const c10::optional<at::Tensor>& norm_weight, double eps) {
+  check_weight(qweight, scale, min, group_size, bits);
+  const int64_t K = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
+  TORCH_CHECK(pre == 1 || pre == 2, "int4_matmul_cpu_pre: pre must be 1 (RMSNorm) or 2 (SiLU * up), got ", pre);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "int4_matmul_cpu_pre: x must be a contiguous float32 CPU tensor (M, ", pre == 1 ? K : 2 * K,
+              "), got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.size(1) == (pre == 1 ? K : 2 * K), "int4_matmul_cpu_pre: x must have shape (M, ",
+              pre == 1 ? K : 2 * K, ") for pre=", pre, " and K=", K, ", got ", x.sizes());
+  const int64_t M = x.size(0);
+  at::Tensor xn = at::empty({M, K}, x.options());
+  const float* xi = x.data_ptr<float>();
+  float* o = xn.data_ptr<float>();
+  if (pre == 1) {
+    TORCH_CHECK(norm_weight.has_value() && norm_weight->device().is_cpu() &&
+                    norm_weight->scalar_type() == at::kFloat && norm_weight->is_contiguous() &&
+                    norm_weight->numel() == K,
+                "int4_matmul_cpu_pre: norm_weight must be a contiguous float32 CPU tensor of ", K, " values");
+    const float* w = norm_weight->data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {  // Llama's RMSNorm in fp32: (x * rsqrt(mean(x^2) + eps)) * w
+      const float* xr = xi + m * K;
+      double ss = 0.0;
+      for (int64_t c = 0; c < K; ++c) ss += (double)xr[c] * xr[c];
+      const float r = 1.f / std::sqrt((float)(ss / K) + (float)eps);
+      for (int64_t c = 0; c < K; ++c) o[m * K + c] = (xr[c] * r) * w[c];
+    }
+  } else {
+    for (int64_t m = 0; m < M; ++m) {  // SiLU(gate) * up, as torch: g / (1 + exp(-g)) * u
+      const float* g = xi + m * 2 * K;
+      const float* u = g + K;
+      for (int64_t c = 0; c < K; ++c) o[m * K + c] = g[c] / (1.f + std::exp(-g[c])) * u[c];
+    }
+  }
+  return int4_matmul_cpu(xn, qweight, scale, min, group_size, bits);
 }
 
 at::Tensor int4_matmul_backward_cpu(const at::Tensor& dy, const at::Tensor& qweight,

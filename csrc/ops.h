@@ -9,6 +9,11 @@ namespace mops {
 // ---- CPU ------------------------------------------------------------------------------------
 at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits);
+// The decode step's norm / MLP activation folded into the matmul's call (inference only):
+// pre = 1: y = (x * rsqrt(mean(x^2) + eps) * norm_weight) @ W^T; pre = 2: y = (silu(x[:, :K]) * x[:, K:]) @ W^T
+at::Tensor int4_matmul_cpu_pre(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                               const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits,
+                               int64_t pre, const c10::optional<at::Tensor>& norm_weight, double eps);
 at::Tensor int4_matmul_backward_cpu(const at::Tensor& dy, const at::Tensor& qweight,
                                     const at::Tensor& scale, const c10::optional<at::Tensor>& min,
                                     int64_t group_size, int64_t bits);

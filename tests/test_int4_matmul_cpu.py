@@ -35,3 +35,53 @@ def test_both_layouts_match_fp64(monkeypatch, G, K, N, M):
     # the same dot products summed in another order: fp32 rounding apart, never more
     torch.testing.assert_close(outs["0"], outs["1"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("bits,G,K,N", [(4, 32, 576, 195), (4, 64, 1536, 7), (8, 32, 576, 33)])
+@pytest.mark.parametrize("M", [1, 3, 17])          # M = 17: the dequantized-tiles path
+def test_pre_rmsnorm_and_silu_mul_equal_the_separate_ops(bits, G, K, N, M):
+    """int4_matmul_cpu_pre (the decode step's norm / SiLU * up inside the matmul call) gives what the
+    aten ops followed by the kernel give, within fp32 rounding."""
+    ext = _backend.extension()
+    qw = quantize(torch.randn(N, K) * 0.05, bits=bits, group_size=G)
+    args = (qw.qweight, qw.scale, qw.min, qw.group_size, qw.bits)
+    x, w = torch.randn(M, K) * 3, torch.rand(K) + 0.5
+    want = ext.int4_matmul_cpu(_rms(x, w, 1e-5), *args)
+    torch.testing.assert_close(ext.int4_matmul_cpu_pre(x, *args, 1, w, 1e-5), want, rtol=1e-5, atol=1e-5)
+    gu = torch.randn(M, 2 * K) * 4
+    want = ext.int4_matmul_cpu(torch.nn.functional.silu(gu[:, :K]) * gu[:, K:], *args)
+    torch.testing.assert_close(ext.int4_matmul_cpu_pre(gu, *args, 2, None, 0.0), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pre_checks_its_arguments():
+    ext = _backend.extension()
+    qw = quantize(torch.randn(8, 64), bits=4, group_size=32)
+    args = (qw.qweight, qw.scale, qw.min, 32, 4)
+    x, w = torch.randn(2, 64), torch.ones(64)
+    with pytest.raises(RuntimeError, match="pre must be 1"):
+        ext.int4_matmul_cpu_pre(x, *args, 3, w, 1e-5)
+    with pytest.raises(RuntimeError, match=r"x must have shape \(M, 128\)"):
+        ext.int4_matmul_cpu_pre(x, *args, 2, None, 0.0)
+    with pytest.raises(RuntimeError, match="norm_weight must be"):
+        ext.int4_matmul_cpu_pre(x, *args, 1, None, 1e-5)
+    with pytest.raises(RuntimeError, match="norm_weight must be"):
+        ext.int4_matmul_cpu_pre(x, *args, 1, torch.ones(63), 1e-5)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.int4_matmul_cpu_pre(x.double(), *args, 1, w, 1e-5)
+
+
+def test_engine_decode_step_folds_norms_and_silu_into_the_kernel_calls():
+    """On the CPU kernel the lean step binds the fused-input calls (and the Engine's tokens still equal
+    generate(): tests/test_serving.py)."""
+    from _hf_doubles import tiny_model
+    from mops_kernels.modules.int4_linear import replace_linears
+    from mops_kernels.serving import Engine
+    model = tiny_model(layers=2)
+    replace_linears(model.model)
+    eng = Engine(model, None, max_batch=2, max_len=16)
+    for ly in eng.decoder.lean:
+        assert ly.qkv.pre is not None and ly.down.pre is not None and ly.act is None

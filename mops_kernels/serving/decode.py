@@ -9,7 +9,8 @@
   along N once at construction: lossless, every output row is the same dot product), rotary
   embedding from a table built once (q and k rotated together), the new key/value written at
   position lens[b], prefix attention, o_proj, one int4 matmul for gate/up (fused likewise),
-  act(gate) * up, down_proj. Linears that are not Int4Linear (or do not share bits/group/K) run one
+  act(gate) * up, down_proj. On the CPU kernel the RMSNorms (and SiLU * up) run inside the
+  matmul's call that reads them (`int4_matmul_cpu_pre`), not as separate aten ops. Linears that are not Int4Linear (or do not share bits/group/K) run one
   by one. The attention backend for T = 1 is picked once per layer from the op's registry and called
   directly (the op's argument checks read values on the host); value checks happen where data
   enters the Engine (submit, the gate's output). The step reads nothing on the host and has static
@@ -59,14 +60,33 @@ class FusedProj:
             kern = _backend.extension().int4_matmul_cpu
             q, s, mn, g, bits = qw.qweight, qw.scale, qw.min, qw.group_size, qw.bits
             self.fn = lambda x: kern(x, q, s, mn, g, bits)
+            if _backend.ext_has("int4_matmul_cpu_pre"):
+                kpre = _backend.extension().int4_matmul_cpu_pre
+                self.pre = lambda x, kind, w, eps: kpre(x, q, s, mn, g, bits, kind, w, eps)
         else:
             self.fn = lambda x: int4_matmul(x, qw, bias)
+
+    pre = None  # the CPU kernel with its input transformed in the same call (csrc/ops.h), or None
 
     def __call__(self, x):
         if self.fn is not None:
             return self.fn(x)
         ys = [m(x) for m in self.mods]
         return ys[0] if len(ys) == 1 else torch.cat(ys, -1)
+
+    def normed(self, x, norm):
+        """self(rms(norm, x)); on the CPU kernel the RMSNorm runs inside its call (no aten ops)."""
+        if self.pre is not None and x.dtype == torch.float32 and hasattr(norm, "variance_epsilon") \
+                and norm.weight.dtype == torch.float32:
+            return self.pre(x, 1, norm.weight, float(norm.variance_epsilon))
+        return self(rms(norm, x))
+
+    def silu_mul(self, gu, act, inter):
+        """self(act(gu[:, :inter]) * gu[:, inter:]), act the MLP's activation (None: SiLU, which the
+        CPU kernel applies inside its call)."""
+        if self.pre is not None and act is None and gu.dtype == torch.float32 and gu.is_contiguous():
+            return self.pre(gu, 2, None, 0.0)
+        return self((act or torch.nn.functional.silu)(gu[:, :inter]) * gu[:, inter:])
 
 
 class LeanLayer:
@@ -82,6 +102,10 @@ class LeanLayer:
         if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             self.gate_up = FusedProj([mlp.gate_proj, mlp.up_proj], device, fuse)
             self.down, self.act, self.inter = FusedProj([mlp.down_proj], device), mlp.act_fn, mlp.gate_proj.out_features
+            probe = torch.linspace(-12, 12, 97)
+            with torch.no_grad():                          # SiLU (the kernels' pre=2): act = None
+                if torch.equal(self.act(probe), torch.nn.functional.silu(probe)):
+                    self.act = None
         else:
             self.mlp = mlp
             self.gate_up = None
@@ -200,7 +224,7 @@ class DecodeStep:
         mask = c.mask[:n, :S]
         rows = slice(0, n)
         for l, ly in enumerate(self.lean):
-            y = ly.qkv(rms(ly.ln1, h)).view(n, Hq + 2 * Hkv, D)
+            y = ly.qkv.normed(h, ly.ln1).view(n, Hq + 2 * Hkv, D)
             qk = y[:, :H2]
             qk = qk * cos + qk.reshape(n, H2, 2, D // 2).flip(2).view(n, H2, D) * sin_s
             c.K[l][ar, :, pos] = qk[:, Hq:]
@@ -209,11 +233,9 @@ class DecodeStep:
             q, k, v = qk[:, :Hq].unsqueeze(2), c.K[l][:n, :, :S], c.V[l][:n, :, :S]
             o = ly.attn(q, k, v, pk, pv, idx, w, lens, mask, False, ly.scale)
             h = h + ly.o(o.reshape(n, Hq * D))
-            a = rms(ly.ln2, h)
             if ly.gate_up is None:
-                h = h + ly.mlp(a)
+                h = h + ly.mlp(rms(ly.ln2, h))
             else:
-                gu = ly.gate_up(a)
-                h = h + ly.down(ly.act(gu[:, :ly.inter]) * gu[:, ly.inter:])
+                h = h + ly.down.silu_mul(ly.gate_up.normed(h, ly.ln2), ly.act, ly.inter)
         c.lens[:n] += c.active[:n]
-        return self.head(rms(self.norm, h)).float()
+        return self.head.normed(h, self.norm).float()
