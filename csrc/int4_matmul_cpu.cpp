@@ -33,6 +33,12 @@ void q4_chunk_avx2(const float* xp, const float* xsum, const uint8_t* q, const u
                    const uint16_t* mn, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
                    int64_t pass, int64_t b, int64_t e, int64_t K128);
 int64_t wide_columns_avx2(int64_t K, int64_t G, bool allow);  // the avx2 copy's 128-column part of K
+// int4_matmul_cpu_avx512.cpp (x86 only): the 4-bit kernels with the 128-column AVX-512 layout
+void q4_chunk_avx512(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s,
+                     const uint16_t* mn, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
+                     int64_t pass, int64_t b, int64_t e, int64_t K128);
+int64_t wide_columns_avx512(int64_t K, int64_t G, bool allow);
+bool has_avx512();  // CPUID: AVX-512 F, BW and VL
 void q8_chunk_avx2(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M,
                    int64_t N, int64_t K, int64_t G, int64_t pass, int64_t b, int64_t e);
 }  // namespace int4cpu
@@ -279,16 +285,12 @@ void parallel_chunks(int64_t n, int64_t grain, int64_t work, const F& f) {
 }
 
 void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s, const uint16_t* mn,
-             float* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t K128) {
+             float* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t K128, int level) {
   const int64_t pass = rows_per_pass(K);
-#if defined(__x86_64__) || defined(__i386__)
-  const bool avx2 = isa::active() == isa::kAvx2;
-#else
-  const bool avx2 = false;
-#endif
   parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
 #if defined(__x86_64__) || defined(__i386__)
-    if (avx2) return int4cpu::q4_chunk_avx2(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
+    if (level == 2) return int4cpu::q4_chunk_avx512(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
+    if (level == 1) return int4cpu::q4_chunk_avx2(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
 #endif
     int4cpu::base::q4_chunk(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
   });
@@ -344,16 +346,19 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     // columns in the AVX-512 layout (the avx2 copy built with AVX-512 only), unless
     // MOPS_INT4_CPU_AVX512=0 (tests compare both layouts)
     const char* wide_env = std::getenv("MOPS_INT4_CPU_AVX512");
+    const bool allow_wide = !(wide_env && wide_env[0] == '0');
     int64_t K128 = 0;
+    int level = 0;  // the 4-bit kernels' copy: 0 base, 1 avx2, 2 avx512 (the avx2 one + AVX-512 layout)
 #if defined(__x86_64__) || defined(__i386__)
-    if (bits == 4 && isa::active() == isa::kAvx2)
-      K128 = int4cpu::wide_columns_avx2(K, group_size, !(wide_env && wide_env[0] == '0'));
+    if (isa::active() == isa::kAvx2) level = int4cpu::has_avx512() ? 2 : 1;
+    if (bits == 4 && level == 2) K128 = int4cpu::wide_columns_avx512(K, group_size, allow_wide);
+    if (bits == 4 && level == 1) K128 = int4cpu::wide_columns_avx2(K, group_size, allow_wide);
 #endif
     int4cpu::base::prepare_x(xf.data_ptr<float>(), xp, xsum, M, K, group_size, (int)bits, K128);
     at::Tensor y = at::empty({M, N}, xf.options());
     if (bits == 4)
       gemv_q4(xp, xsum, qweight.data_ptr<uint8_t>(), half_ptr(scale), mn, y.data_ptr<float>(), M, N,
-              K, group_size, K128);
+              K, group_size, K128, level);
     else
       gemv_q8(xp, qweight.data_ptr<int8_t>(), half_ptr(scale), y.data_ptr<float>(), M, N, K,
               group_size);

@@ -24,8 +24,9 @@
 // `avx2` with MOPS_INT4_AVX2 defined, under a target pragma (AVX2 + FMA + F16C intrinsics) whatever
 // the build flags. The glue runs the avx2 copy only when CPUID says the CPU has all three (cpu_isa.h).
 //
-// AVX-512 (F, BW, VL) "wide" layout, in the avx2 copy only when the build itself targets AVX-512
-// (MOPS_NATIVE=1 on such a machine; the default build's avx2 copy never has it) and G divides 128:
+// AVX-512 (F, BW, VL) "wide" layout, in the avx512 copy (int4_matmul_cpu_avx512.cpp: the avx2 code
+// plus this, run when CPUID reports AVX-512; also in the avx2 copy of a MOPS_NATIVE=1 build on such
+// a machine) when G divides 128:
 // the same trick on a 64-byte load (128 columns, 16 words; word j = columns 8j..8j+7 of the chunk),
 // x permuted per 128 columns as xp[128b + 16e + j] = x[128b + 8j + e] * (e odd ? 1/16 : 1): half
 // the instructions per weight of the 8-lane code. A remaining 64-column chunk (K % 128 >= 64) keeps
@@ -37,11 +38,11 @@
 #include <cstring>
 
 #ifndef MOPS_INT4_ISA
-#error "define MOPS_INT4_ISA (base or avx2) before including int4_matmul_cpu_kernel.h"
+#error "define MOPS_INT4_ISA (base, avx2 or avx512) before including int4_matmul_cpu_kernel.h"
 #endif
 #ifdef MOPS_INT4_AVX2
 #include <immintrin.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if !defined(MOPS_INT4_AVX512) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MOPS_INT4_AVX512 1
 #endif
 #endif

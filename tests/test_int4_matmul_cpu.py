@@ -1,7 +1,8 @@
 """The C++ CPU int4 kernels' two layouts (csrc/int4_matmul_cpu_kernel.h): 128-column AVX-512 chunks
-(where the build has AVX-512 and G divides 128) and the 8-lane AVX2 chunks, each against the fp64
-product, on the K that split into every mix of 128-, 64- and 32-column pieces, and equal to each other
-within fp32 rounding. MOPS_INT4_CPU_AVX512=0 keeps the 8-lane layout (read per call)."""
+(the avx512 copy, on a CPU with AVX-512 F/BW/VL, when G divides 128) and the 8-lane AVX2 chunks, each
+against the fp64 product, on the K that split into every mix of 128-, 64- and 32-column pieces, and
+equal to each other within fp32 rounding. MOPS_INT4_CPU_AVX512=0 keeps the 8-lane layout (read per
+call). Also the fused-input entry point of the decode step (int4_matmul_cpu_pre)."""
 import pytest
 import torch
 from conftest import available_backends
@@ -34,6 +35,29 @@ def test_both_layouts_match_fp64(monkeypatch, G, K, N, M):
         assert rel_err(outs[wide], ref) <= 1e-5, (wide, rel_err(outs[wide], ref))
     # the same dot products summed in another order: fp32 rounding apart, never more
     torch.testing.assert_close(outs["0"], outs["1"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
+                    reason="the CPU has no AVX-512 F/BW/VL")
+def test_an_avx512_cpu_takes_the_wide_layout(monkeypatch):
+    """On an AVX-512 CPU (with the avx2 copy active) the 128-column kernels run: their sums are
+    ordered differently, so the bits differ from the 8-lane layout's."""
+    if _backend.extension().cpu_isa() != "avx2":
+        pytest.skip("the avx2 kernels are not the active ones")
+    qw = quantize(torch.randn(64, 1536), bits=4, group_size=32)
+    x = torch.randn(1, 1536)
+    monkeypatch.setenv("MOPS_INT4_CPU_AVX512", "0")
+    narrow = _kernel(x, qw)
+    monkeypatch.setenv("MOPS_INT4_CPU_AVX512", "1")
+    assert not torch.equal(_kernel(x, qw), narrow)
 
 
 
