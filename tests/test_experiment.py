@@ -12,6 +12,7 @@ from mops_kernels.modules.prompts import SmartGate
 from mops_kernels.training import experiment as ex
 from mops_kernels.training.data import ByteTokenizer
 from mops_kernels.training.trainer import PromptTrainer, pretrain_gate
+from utils import task_items
 
 CFG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=160, tie_word_embeddings=True)
@@ -27,15 +28,7 @@ def _cfg(**kw):
 
 
 def _items(n=24, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for i in range(n):
-        task = i % 3
-        n_in = 5 + int(torch.randint(0, 7, (1,), generator=g))
-        n_out = 2 + int(torch.randint(0, 4, (1,), generator=g))
-        ids = [10 + task] + torch.randint(20, 97, (n_in + n_out - 1,), generator=g).tolist()
-        items.append(dict(ids=ids, n_input=n_in, label=task))
-    return items
+    return task_items(n, seed, n_in=(5, 12), n_out=(2, 6))
 
 
 @pytest.fixture(scope="module")

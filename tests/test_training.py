@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mops_kernels.integrations.backbone import load_backbone
+from utils import task_items
 from mops_kernels.training.trainer import CHECKPOINT, PromptTrainer, TrainConfig, build_prompts
 
 CFG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -14,16 +15,7 @@ KW = dict(num_experts=3, prompt_len=5, top_k=2, gate_layer=1, inject_from=2, gat
 
 
 def _items(n=23, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for i in range(n):
-        task = i % 3
-        n_in = 4 + int(torch.randint(0, 7, (1,), generator=g))
-        n_out = 2 + int(torch.randint(0, 5, (1,), generator=g))
-        # each task's instruction starts with its own token: something a gate can route on
-        ids = [10 + task] + torch.randint(20, 97, (n_in + n_out - 1,), generator=g).tolist()
-        items.append(dict(ids=ids, n_input=n_in, label=task))
-    return items
+    return task_items(n, seed)
 
 
 def _setup(mode="mops", **cfg):

@@ -14,6 +14,20 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
+def task_items(n: int, seed: int = 1, n_in=(4, 11), n_out=(2, 7), tasks: int = 3, vocab: int = 97) -> list:
+    """Synthetic encoded training items (data.encode's form) of `tasks` tasks for tiny random
+    models: each task's instruction starts with its own token (something a gate can route on)."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        task = i % tasks
+        a = n_in[0] + int(torch.randint(0, n_in[1] - n_in[0], (1,), generator=g))
+        b = n_out[0] + int(torch.randint(0, n_out[1] - n_out[0], (1,), generator=g))
+        ids = [10 + task] + torch.randint(20, vocab, (a + b - 1,), generator=g).tolist()
+        items.append(dict(ids=ids, n_input=a, label=task))
+    return items
+
+
 def tol_ok(out: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor, dtype: torch.dtype,
            fp32_tol: float = 1e-4) -> bool:
     """SPEC §6: fp32 rel. err <= fp32_tol; low precision within 2x plain PyTorch's error + 1e-5."""
