@@ -144,8 +144,9 @@ class DLN1:
             self.log(entry)
         return entry
 
-    def step(self, train, dev) -> dict:
-        """One iteration (module docstring); returns its log entry."""
+    def _begin(self, train, dev):
+        """The start both loops share: validation on schedule, the end of the run, this iteration's
+        balanced batch. -> (entry, rows), rows None when the run just ended (entry recorded)."""
         s = self.state
         t = s["t"]
         entry = dict(t=t, current=s["current"])
@@ -153,9 +154,17 @@ class DLN1:
             self._validate(dev, entry)
         if t == self.iters:
             s["done"] = True
-            return self._record(entry)
+            return self._record(entry), None
         batch = balanced_batch([r["label"] for r in train], self.batch_size, self.train_rng)
-        rows = [train[i] for i in batch]
+        return entry, [train[i] for i in batch]
+
+    def step(self, train, dev) -> dict:
+        """One iteration (module docstring); returns its log entry."""
+        entry, rows = self._begin(train, dev)
+        if rows is None:
+            return entry
+        s = self.state
+        t = s["t"]
         x = [r["input"] for r in rows]
         y = torch.tensor([r["label"] for r in rows])
         pred = self.predict(s["current"], rows)
@@ -243,16 +252,12 @@ class DLN2(DLN1):
         return super().init_state(prompt if self.SEP in prompt else self.join("", prompt), author)
 
     def step(self, train, dev) -> dict:
+        entry, rows = self._begin(train, dev)
+        if rows is None:
+            return entry
         s = self.state
         t = s["t"]
-        entry = dict(t=t, current=s["current"])
-        if t == 0 or t % self.val_freq == 0 or t == self.iters:
-            self._validate(dev, entry)
-        if t == self.iters:
-            s["done"] = True
-            return self._record(entry)
         p1, p2 = self.split(s["current"])
-        rows = [train[i] for i in balanced_batch([r["label"] for r in train], self.batch_size, self.train_rng)]
         x = [r["input"] for r in rows]
         y = torch.tensor([r["label"] for r in rows])
         B, K = len(rows), self.num_h_samples
