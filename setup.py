@@ -59,6 +59,8 @@ def _ext_modules():
         def run(self):
             try:
                 super().run()
+                for e in self.extensions:
+                    _check_error_path(self.get_ext_fullpath(e.name))
             except Exception as e:
                 if os.environ.get("MOPS_REQUIRE_EXTENSION", "0") == "1":
                     raise
@@ -66,6 +68,40 @@ def _ext_modules():
                               "the package will run on Triton / the PyTorch reference")
 
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
+
+
+_PROBE = """
+import importlib.util, sys
+import torch
+spec = importlib.util.spec_from_file_location("mops_kernels._C", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+try:
+    mod._raise_check()
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])
+"""
+
+
+def _check_error_path(path):
+    """Load the built extension in a fresh process and raise through TORCH_CHECK: the message must
+    reach Python. A compiler that links its own C++ runtime into the extension (the GPU image's
+    /opt/gcc/bin/g++ wrapper: no libstdc++.so among the extension's dependencies) builds one whose
+    every argument check crashes the process (SIGSEGV) instead. Such a build is removed (or, under
+    MOPS_REQUIRE_EXTENSION=1, fails) with the fix in the message."""
+    import subprocess
+    if not os.path.exists(path):
+        return
+    r = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, text=True, timeout=300)
+    if r.returncode == 0 and "the C++ error path works" in r.stdout:
+        return
+    cxx = os.environ.get("CXX", shutil.which("c++") or "c++")
+    os.remove(path)
+    raise RuntimeError(
+        f"the built extension {path} cannot raise an error to Python (probe exit {r.returncode}: "
+        f"{(r.stderr or r.stdout).strip().splitlines()[-1:] or ''}); the C++ compiler {cxx} probably "
+        "links its own C++ runtime into it. Rebuild with the system compiler, e.g. "
+        "CXX=/usr/bin/g++ CC=/usr/bin/gcc pip install --no-deps --no-build-isolation -e .")
 
 
 ext_modules, cmdclass = _ext_modules()

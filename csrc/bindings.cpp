@@ -11,6 +11,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
+  // The error path every argument check takes (a c10::Error thrown here, RuntimeError in Python).
+  // setup.py calls it right after a build: a toolchain that links its own C++ runtime into the
+  // extension crashes the process here instead (seen on the GPU image: /opt/gcc/bin/g++).
+  m.def("_raise_check", [] { TORCH_CHECK(false, "mops_kernels._C: the C++ error path works"); },
+        "raises RuntimeError through TORCH_CHECK (build and install checks)");
   // ---- CPU ---------------------------------------------------------------------------------
   m.def("int4_matmul_cpu", &mops::int4_matmul_cpu, "y = x @ W^T, W block-quantized (4/8-bit), CPU");
   m.def("int4_matmul_cpu_pre", &mops::int4_matmul_cpu_pre,

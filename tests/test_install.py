@@ -73,6 +73,19 @@ def test_imports_and_runs_without_triton_or_extension():
     assert out.stdout.startswith("OK"), out.stdout
 
 
+def test_extension_errors_reach_python():
+    """A C++ argument check reaches Python as RuntimeError, in a fresh process, with the exact probe
+    setup.py runs after every build (an extension built by a compiler that links its own C++ runtime
+    crashes here instead: the GPU image's /opt/gcc/bin/g++ did)."""
+    if not _backend.has_extension():
+        pytest.skip("needs the compiled extension")
+    probe = re.search(r'_PROBE = """(.*?)"""', (ROOT / "setup.py").read_text(), re.S).group(1)
+    so = _backend.extension().__file__
+    out = subprocess.run([sys.executable, "-c", probe, so], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip() == "raised: mops_kernels._C: the C++ error path works", out.stdout
+
+
 # --------------------------------------------------------------------------------------------
 # Portable build: baseline ISA, AVX2 kernels chosen at run time
 # --------------------------------------------------------------------------------------------
