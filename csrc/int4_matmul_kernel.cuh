@@ -1,5 +1,6 @@
 // int4_matmul CUDA kernel: decode GEMV y[m, n] = sum_c x[m, c] * W[n, c] for M <= 4 rows of x.
-// Raw pointers only (no torch headers); the glue is int4_matmul_cuda.cu. The arithmetic lives in
+// Raw pointers only (no torch headers); launched by int4_matmul_cuda.cu, whose arguments are
+// checked by the g++-compiled int4_matmul_cuda_glue.cpp. The arithmetic lives in
 // MOPS_HD helpers that a plain C++ compiler builds too (tests/test_int4_matmul.py compiles this
 // header with g++ and checks every code and a whole emulated launch against the reference).
 //

@@ -1,5 +1,5 @@
 // prefix_attention decode (T = 1): the argument checks and argument filling shared by the CPU glue
-// (prefix_attention_cpu.cpp) and the CUDA glue (prefix_attention_cuda.cu). Torch types only here,
+// (prefix_attention_cpu.cpp) and the CUDA glue (prefix_attention_cuda_glue.cpp). Torch types only here,
 // no CUDA headers: backend-specific checks (CUDA's head dim), the device guard and the stream stay
 // in each glue file.
 #pragma once

@@ -1,30 +1,18 @@
-// prefix_attention CUDA glue (decode, T = 1): checks, device guard, current stream, dispatch.
-//   prefix_attention_cuda(q [B,Hq,1,D], k, v [B,Hkv,S,D], prefix_k, prefix_v [E,P,Hkv,D] | None,
-//                         prefix_index [B,kk] | None, prefix_weight [B,kk] | None,
-//                         prefix_lens [E] | None, attention_mask [B,S] | None, causal, scale)
-//     -> out [B, Hq, 1, D] in q's dtype; D in {64, 128}; fp32 / fp16 / bf16; kk <= 64.
-// Index/weight/lens values are validated where they enter (the Python dispatcher); nothing here
-// reads a value back, so the call is CUDA-graph capturable.
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-// CPU-only torch wheels (the compile check) lack this generated header; on Linux it only sets
-// C10_CUDA_BUILD_SHARED_LIBS (Windows). CUDA builds of torch have it.
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
+// prefix_attention CUDA launcher (nvcc): the decode split pass and merge of
+// prefix_attention_kernel.cuh. No torch header and nothing that throws: the checks, the plan, the
+// allocations and the error report are in prefix_attention_cuda_glue.cpp (g++), see cuda_launch.h.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
-#include "ops.h"
-#include "prefix_attention_args.h"
+#include <cstring>
+#include <type_traits>
+
+#include "cuda_launch.h"
 #include "prefix_attention_kernel.cuh"
 
 namespace mops {
+namespace cuda_launch {
 namespace {
-
-template <typename S> struct CudaType { using type = S; };
-template <> struct CudaType<at::Half> { using type = __half; };
-template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 
 template <typename T, int D>
 void launch(const pacuda::DecodeArgs<T>& a, const pamath::Plan& pl, cudaStream_t stream) {
@@ -38,62 +26,30 @@ void launch(const pacuda::DecodeArgs<T>& a, const pamath::Plan& pl, cudaStream_t
   pacuda::decode_merge_kernel<T, D><<<static_cast<unsigned>(pl.grid2_x), D, 0, stream>>>(a);
 }
 
-}  // namespace
-
-at::Tensor prefix_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                 const c10::optional<at::Tensor>& prefix_k,
-                                 const c10::optional<at::Tensor>& prefix_v,
-                                 const c10::optional<at::Tensor>& prefix_index,
-                                 const c10::optional<at::Tensor>& prefix_weight,
-                                 const c10::optional<at::Tensor>& prefix_lens,
-                                 const c10::optional<at::Tensor>& attention_mask, bool causal, double scale) {
-  (void)causal;  // T = 1: bottom-right causal sees the whole cache
-  // check_values = false: the Python dispatcher validated the values; reading them here would sync.
-  paargs::Inputs in = paargs::check_prefix_attention_args(
-      "prefix_attention_cuda", q_in, k_in, v_in, prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens,
-      attention_mask, at::kCUDA, /*check_values=*/false);
-  const int64_t B = in.B, Hq = in.Hq, S = in.S, D = in.D;
-  TORCH_CHECK(D == 64 || D == 128, "prefix_attention_cuda: head dim D must be 64 or 128, got ", D);
-  TORCH_CHECK(in.q.scalar_type() == at::kFloat || in.q.scalar_type() == at::kHalf ||
-                  in.q.scalar_type() == at::kBFloat16,
-              "prefix_attention_cuda: q must be float32, float16 or bfloat16, got ", in.q.scalar_type());
-  TORCH_CHECK(in.kk <= pamath::kMaxSlots, "prefix_attention_cuda: prefix_index may select at most ",
-              pamath::kMaxSlots, " slots per request (kk), got ", in.kk);
-  const c10::cuda::CUDAGuard guard(in.q.device());
-  // 16-byte vector loads of K/V rows: aligned base pointers and row strides (a copy otherwise)
-  const int64_t ept = 16 / in.q.element_size();
-  in.k = paargs::vec16_rows(in.k, ept);
-  in.v = paargs::vec16_rows(in.v, ept);
-  if (in.has_prefix) {
-    in.pk = paargs::vec16_rows(in.pk, ept);
-    in.pv = paargs::vec16_rows(in.pv, ept);
-  }
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, in.q.device().index()));
-  const pamath::Plan pl = pamath::make_plan(B, Hq, in.Hkv, S, D, in.q.element_size(), in.has_prefix, sms);
-  TORCH_CHECK(pl.ok, "prefix_attention_cuda: B*Hq = ", B * Hq, " exceeds the launch grid (2^31 - 1)");
-  auto f32 = in.q.options().dtype(at::kFloat);
-  at::Tensor part_acc = at::empty({B * Hq, pl.n_split, D}, f32);
-  at::Tensor part_m = at::empty({B * Hq, pl.n_split}, f32);
-  at::Tensor part_l = at::empty({B * Hq, pl.n_split}, f32);
-  at::Tensor out = at::empty({B, Hq, 1, D}, in.q.options());
-  if (B == 0 || Hq == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto run = [&](auto tag) {  // fp32 / fp16 / bf16 only: the kernel's 16-byte vectors have no fp64 form
-    using T = typename CudaType<decltype(tag)>::type;
-    pacuda::DecodeArgs<T> a{};
-    paargs::fill_common_args(a, in, out, scale);
-    a.part_acc = part_acc.data_ptr<float>(); a.part_m = part_m.data_ptr<float>(); a.part_l = part_l.data_ptr<float>();
-    a.Hq = Hq; a.chunk = pl.chunk; a.n_split = pl.n_split; a.n_gchunk = pl.n_gchunk;
-    if (D == 64) launch<T, 64>(a, pl, stream);
-    else launch<T, 128>(a, pl, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  AT_DISPATCH_SWITCH(in.q.scalar_type(), "prefix_attention_cuda",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { run(scalar_t{}); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { run(scalar_t{}); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { run(scalar_t{}); }));
-  return out;
+template <typename T>
+void launch_typed(int D, const pacuda::DecodeArgs<void>& raw, const pamath::Plan& pl, cudaStream_t stream) {
+  static_assert(sizeof(pacuda::DecodeArgs<T>) == sizeof(pacuda::DecodeArgs<void>) &&
+                    std::is_trivially_copyable<pacuda::DecodeArgs<T>>::value,
+                "DecodeArgs<T> must have DecodeArgs<void>'s layout");
+  pacuda::DecodeArgs<T> a;
+  std::memcpy(&a, &raw, sizeof(a));  // the same fields: pointers, int64_t, float
+  if (D == 64) launch<T, 64>(a, pl, stream);
+  else launch<T, 128>(a, pl, stream);
 }
 
+}  // namespace
+
+cudaError_t prefix_decode(DType dt, int D, const pacuda::DecodeArgs<void>& a, const pamath::Plan& plan,
+                          cudaStream_t stream) {
+  if (D != 64 && D != 128) return cudaErrorInvalidValue;
+  switch (dt) {
+    case DType::kFloat32: launch_typed<float>(D, a, plan, stream); break;
+    case DType::kFloat16: launch_typed<__half>(D, a, plan, stream); break;
+    case DType::kBFloat16: launch_typed<__nv_bfloat16>(D, a, plan, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda_launch
 }  // namespace mops

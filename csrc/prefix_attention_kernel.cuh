@@ -48,6 +48,7 @@
 
 #include <cstdint>
 
+#include "prefix_attention_cuda_args.h"
 #include "prefix_attention_decode_math.h"
 
 namespace mops {
@@ -57,22 +58,8 @@ using pamath::kThreads;
 using pamath::kUnroll;
 using pamath::kWarps;
 
-template <typename T>
-struct DecodeArgs {
-  const T* q; int64_t sqb, sqh;               // q [B, Hq, 1, D], last dim contiguous
-  const T* k; int64_t skb, skh, sks;          // k [B, Hkv, S, D], 16-byte aligned rows
-  const T* v; int64_t svb, svh, svs;          // v [B, Hkv, S, D]
-  const T* pk; int64_t spke, spkp, spkh;      // prefix_k [E, P, Hkv, D] (nullptr: no prefixes)
-  const T* pv; int64_t spve, spvp, spvh;      // prefix_v
-  const int32_t* idx; int64_t kk;             // prefix_index [B, kk] contiguous, kk <= kMaxSlots
-  const float* w;                             // prefix_weight [B, kk] or nullptr (= 1)
-  const int32_t* lens;                        // prefix_lens [E] or nullptr (= P)
-  const uint8_t* mask;                        // attention_mask [B, S] or nullptr
-  float* part_acc; float* part_m; float* part_l;  // [B*Hq, n_split, D], [B*Hq, n_split] x2 (base 2)
-  T* out; int64_t sob, soh;                   // out [B, Hq, 1, D]
-  int64_t Hq, Hkv, S, P, chunk, n_split, n_gchunk;
-  float scale;
-};
+// DecodeArgs<T>: prefix_attention_cuda_args.h (shared with the g++-compiled glue)
+
 
 // A 16-byte vector of T as floats, and a float stored as T.
 template <typename T> struct Vec;

@@ -24,5 +24,19 @@ for f in csrc/*.cu; do
   if [ "${#pids[@]}" -ge 2 ]; then wait "${pids[0]}" || fail=1; pids=("${pids[@]:1}"); fi
 done
 for p in "${pids[@]}"; do wait "$p" || fail=1; done
+# The CUDA glue (*_cuda_glue.cpp: checks, allocation, launch through cuda_launch.h) is g++ code that only
+# a CUDA build compiles (WITH_CUDA): compile it here too, against the CUDA toolkit's headers.
+cudainc=""
+for c in "${CUDA_HOME:-}" /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")"; do
+  if [ -n "$c" ] && [ -f "$c/include/cuda_runtime.h" ]; then cudainc=$c/include; break; fi
+done
+[ -n "$cudainc" ] || { echo "check_cuda_compile: no CUDA include directory (cuda_runtime.h); set CUDA_HOME" >&2; exit 1; }
+for f in csrc/*_cuda_glue.cpp; do
+  [ -e "$f" ] || continue
+  echo "g++ -c $f (WITH_CUDA)"
+  ${CXX:-g++} -c "$f" -o "$out/$(basename "$f").o" -std=c++17 -O1 -fPIC -DWITH_CUDA -DTORCH_EXTENSION_NAME=_C \
+    -Icsrc $inc -I"$cudainc" -I"$pyinc" -D_GLIBCXX_USE_CXX11_ABI="$abi" && echo "ok   $f" || { echo "FAIL $f" >&2; fail=1; }
+  files+=("$f")
+done
 [ "$fail" -eq 0 ] || { echo "check_cuda_compile: a CUDA file failed to compile" >&2; exit 1; }
-echo "check_cuda_compile: ${#files[@]} CUDA file(s) compiled"
+echo "check_cuda_compile: ${#files[@]} CUDA file(s) (kernels and glue) compiled"
