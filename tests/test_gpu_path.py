@@ -292,7 +292,7 @@ def test_cuda_decode_is_captured_in_a_graph(backend, force_backend):
         torch.cuda.synchronize()
         assert torch.equal(got, want)
         bad, empty = idx.clone(), idx.clone()
-        bad[0, 1], empty[0, 1] = 99, -1                  # row 0's second slot has weight 0.8
+        bad[0, 0], empty[0, 0] = 99, -1          # row 0's first slot: expert 0 (7 tokens, weight 0.2)
         got = PA.prefix_attention(q, k, v, pk, pv, bad, w, prefix_lens=lens, attention_mask=mask)
         assert torch.equal(got, PA.prefix_attention(q, k, v, pk, pv, empty, w, prefix_lens=lens,
                                                     attention_mask=mask))

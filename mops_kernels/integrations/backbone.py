@@ -235,7 +235,9 @@ def _from_hf_dir(path: str, device, dtype):
 
 
 def _from_config(config, device, dtype):
-    """Random weights of the config's shape, quantized one matrix at a time (memory-frugal)."""
+    """Random weights of the config's shape, quantized one matrix at a time (memory-frugal). The
+    weights are drawn on the CPU from one seeded generator and then moved, so one config gives the
+    same model on every device (a CUDA generator draws other numbers)."""
     from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
     if isinstance(config, dict):
@@ -249,12 +251,12 @@ def _from_config(config, device, dtype):
                                 f"(supported: {', '.join(HF_ARCHITECTURES)})")
     model = _skeleton(config)
     std = getattr(config, "initializer_range", 0.02)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
 
     def get(name, shape):
         if len(shape) == 1:
             return (torch.zeros(shape) if name.endswith(".bias") else torch.ones(shape))
-        w = torch.randn(shape, device=device, generator=gen) * std
+        w = torch.randn(shape, generator=gen).to(device) * std
         return int8_quantize(w) if "embed_tokens" in name or name == "lm_head.weight" else int4_quantize(w, GROUP_SIZE)
 
     _fill(model, get, device, dtype)
