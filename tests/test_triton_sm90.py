@@ -194,7 +194,7 @@ def test_gpu_pass_uses_the_gpu_launch_choices(captured):
             specs.setdefault(name, []).append(spec)
         tc = specs["_int4_matmul_tc_kernel"][0]         # the first M = 3: bf16 x
         assert _const(tc, "BLOCK_M") == 16 and _const(tc, "DOT_DTYPE") == {"dtype": dot}
-        assert tc["options"]["num_warps"] == 2
+        assert tc["options"]["num_warps"] == 4 and _const(tc, "BLOCK_N") == 64   # the M <= 16 launch
         assert {_const(t, "ATOMIC") for t in specs["_int4_matmul_tc_kernel"]} == {True, False}
         bwd4 = specs["_int4_matmul_bwd_kernel"][0]
         assert _const(bwd4, "BLOCK_M") == bm

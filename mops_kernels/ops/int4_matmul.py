@@ -24,11 +24,14 @@ bandwidth = 145, see csrc/int4_matmul_kernel.cuh):
             transposed so that a group's are one BN vector, loaded once), decoded in registers to
             fp32 by the 1 + q/16 exponent trick, one FFMA per code for q s + mn (rounded once to
             the dot dtype, as plain PyTorch rounds W), fp32 accumulation, split-K so that every SM
-            has work, fp32 atomic reduction. 173 instr/16 B (4-bit, any M <= 16; 211 at M = 64):
-            issue-bound at ~145/173 = 84% of HBM. The decode (shift, LOP3, FFMA, half a convert
-            per code) is ~112 of it; most of the rest is the register -> shared -> mma operand
-            shuffle that Triton inserts. It replaced a Triton GEMV (877 instr/16 B at M = 1, 6520
-            at M = 16) and a 64 x 64 GEMM (590; scale/min gathered per element, no split-K).
+            has work, fp32 atomic reduction. 230.5 instr/16 B with the M <= 16 launch (BLOCK_N 64 x
+            4 warps; 173 with 128 x 2 warps, 211 at M = 64). Measured on an H200 (2026-11-26,
+            benchmarks/results/): neither instruction count decides its speed: 4096 x 4096 at
+            M = 1 streams 526 GB/s with 128 x 2 warps and 706 GB/s with 64 x 4 warps (the sweep),
+            far below the issue ceiling either way: too few bytes in flight, not too many
+            instructions. The CUDA GEMV streamed 947-1076 GB/s at M = 1 in the same session
+            (spec6 rows). It replaced a Triton GEMV (877 instr/16 B at M = 1, 6520 at M = 16)
+            and a 64 x 64 GEMM (590; scale/min gathered per element, no split-K).
             M = 1 runs here only on a GPU without the CUDA extension.
     cpu     csrc/int4_matmul_cpu.cpp: AVX2 GEMV for M <= 16, dequantized tiles + BLAS above
     torch   dequantize then matmul (the fallback)
@@ -215,24 +218,28 @@ def _tc_blocks(M: int, N: int, K: int, bits: int, device: torch.device):
     """(BLOCK_M, BLOCK_N, SPLIT_K, steps per split, num_warps, num_stages) of the tensor-core kernel.
 
     BLOCK_M (the mma's n, since W is the left operand): the smallest of 16, 32, 64 >= M.
-    BLOCK_N = 128 rows; 2 warps at BLOCK_M = 16 (mma.sync, 64 B of weights per thread per step:
-    173 SASS instructions per 16 B against 230 for 64 x 4 warps on wgmma, whose decoded W takes a
-    shared-memory round trip per step), 4 warps above.
-    SPLIT_K: on a GPU, enough programs for 2 per SM (132 SMs: 264) when the N x M tiles alone are
-    fewer: 4096 x 4096 4-bit, M <= 64: 32 N tiles x 32 steps of 128 columns -> 8 splits of 4.
+    BLOCK_M = 16 (M <= 16, decode): BLOCK_N = 64 rows, 4 warps, split-K for 4 programs per SM. The
+    sweep on an H200 (benchmarks/sweep_int4_tc.py, 4096 x 4096 4-bit G=128, cold weights,
+    2026-11-26; rows in benchmarks/results/int4_tc_sweep-nvidia-h200.jsonl) put this at 706 / 716
+    GB/s for M = 1 / 16 against 526 / 515 for the launch before it (BLOCK_N = 128, 2 warps, 2
+    programs per SM), the best of 24 launches: more programs and loads in flight, not fewer
+    instructions per byte (it issues more of them), is what the decode GEMM lacks. Other shapes and
+    group sizes were not swept.
+    BLOCK_M >= 32: BLOCK_N = 128 rows, 4 warps, split-K for 2 programs per SM (not swept).
+    E.g. 4096 x 4096 4-bit, M <= 16: 64 N tiles x 32 steps of 128 columns -> 8 splits of 4.
     num_stages = 3: the loads of the next two steps are in flight (cp.async) during a step's math.
     The interpreter takes 2 splits whenever it can (the atomic reduction is tested on the CPU)."""
     block_m = min(64, max(16, _next_pow2(M)))
-    block_n = 128
+    block_n, per_sm = (64, 4) if block_m == 16 else (128, 2)
     steps = triton.cdiv(K, 128 if bits == 4 else 64)
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        split = max(1, min(steps, triton.cdiv(2 * sms, tiles)))
+        split = max(1, min(steps, triton.cdiv(per_sm * sms, tiles)))
     else:
         split = min(2, steps)
     per = triton.cdiv(steps, split)
-    return block_m, block_n, triton.cdiv(steps, per), per, 2 if block_m == 16 else 4, 3
+    return block_m, block_n, triton.cdiv(steps, per), per, 4, 3
 
 
 def _gemm_blocks(device: torch.device):
