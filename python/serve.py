@@ -6,8 +6,10 @@
 
 Models (`model` in a request; GET /v1/models lists them): "base" (no prompts), the MoPs bank (its
 gate picks each request's experts, or the body's `expert_index` / `expert_weight`), each PEFT
-adapter by its name. Endpoints and semantics: mops_kernels/serving/openai_api.py. One bank of
-prompt slots per server: --prompts (one) and --peft (any number) are not combined.
+adapter by its name. Endpoints and semantics: mops_kernels/serving/openai_api.py. Several --prompts
+banks share one continuous batch (mops_kernels.serving.prompt_sets.PromptSets: each keeps its gate);
+they must inject the same layers. PEFT prefix adapters shift the prompt's positions and MoPs banks do
+not, so --peft and --prompts are not served together (the error says so).
 The batch command line that this program used to be is python/batch_generate.py.
 """
 import argparse
@@ -35,22 +37,36 @@ def build(args):
     """-> (engine, tokenizer, models) from the command line."""
     import mops_kernels
     from mops_kernels.serving import Engine
+    from mops_kernels.serving.prompt_sets import PromptSets
     prompts_dirs, peft_dirs = named_dirs(args.prompts, "--prompts"), named_dirs(args.peft, "--peft")
-    if len(prompts_dirs) > 1 or (prompts_dirs and peft_dirs):
-        raise SystemExit("one bank of prompt slots per server: give one --prompts NAME=DIR, or --peft adapters")
+    taken = set(prompts_dirs) & set(peft_dirs)
+    if taken:
+        raise SystemExit(f"--prompts and --peft both name {sorted(taken)}")
     model, tok = mops_kernels.load_backbone(args.backbone, device=args.device)
     if tok is None:
         raise SystemExit(f"the backbone {args.backbone} has no tokenizer")
     models = {"base": {"kind": "base", "expert_index": None}}
     prompts = None
-    if peft_dirs:
+    if len(prompts_dirs) > 1 or (prompts_dirs and peft_dirs):
+        sets = {name: mops_kernels.MixtureOfPrompts.load(path, model=model) for name, path in prompts_dirs.items()}
+        for name in prompts_dirs:
+            models[name] = {"kind": "mops", "expert_index": None, "prompt_set": name}
+        if peft_dirs:
+            sets[" peft"] = mops_kernels.from_peft(model, list(peft_dirs.values()))
+            for slot, name in enumerate(peft_dirs):
+                models[name] = {"kind": "peft", "expert_index": [slot], "prompt_set": " peft"}
+        try:
+            prompts = PromptSets(sets, num_layers=model.config.num_hidden_layers)
+        except ValueError as e:
+            raise SystemExit(f"these prompt sets cannot share one server: {e}")
+    elif peft_dirs:
         prompts = mops_kernels.from_peft(model, list(peft_dirs.values()))
         for slot, name in enumerate(peft_dirs):
             models[name] = {"kind": "peft", "expert_index": [slot]}
     else:
         if prompts_dirs:
             name, path = next(iter(prompts_dirs.items()))
-            prompts = mops_kernels.MixtureOfPrompts.load(path, device=args.device)
+            prompts = mops_kernels.MixtureOfPrompts.load(path, model=model)
         else:
             name, prompts = "mops", mops_kernels.load_shipped(model)
             if prompts is None:

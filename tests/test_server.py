@@ -310,3 +310,57 @@ def _readme_examples_run(port):
         out = json.loads(subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120).stdout)
         assert out["choices"][0]["finish_reason"] in ("stop", "length") and out["choices"][0]["experts"]
     exec(compile(py, "README.md", "exec"), {})
+
+
+def test_two_prompt_sets_in_one_server():
+    """Two MoPs banks behind one server and one continuous batch: each model answers as its bank's own
+    Engine alone, named slots are numbered within the bank, and an out-of-range one is a 400."""
+    from test_serving import _two_sets
+    from mops_kernels.serving.prompt_sets import PromptSets
+    model = tiny_model(seed=5)
+    a, b = _two_sets(model)
+    tok = tiny_tokenizer()
+    models = {"base": {"kind": "base", "expert_index": [-1]},
+              "a": {"kind": "mops", "expert_index": None, "prompt_set": "a"},
+              "b": {"kind": "mops", "expert_index": None, "prompt_set": "b"}}
+    engine = Engine(model, PromptSets({"a": a, "b": b}, num_layers=4), max_batch=4, max_len=96, tokenizer=tok)
+    with BackgroundServer(create_app(engine, tok, models), timeout=30) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert {m.id for m in c.models.list().data} == {"base", "a", "b"}
+        for name, extra in (("a", {}), ("b", {}), ("b", {"expert_index": [2, 1], "expert_weight": [0.5, 0.5]})):
+            out = c.completions.create(model=name, prompt=PROMPTS[:3], max_tokens=7, temperature=0, extra_body=extra)
+            for p, ch in zip(PROMPTS[:3], out.choices):
+                alone = Engine(model, {"a": a, "b": b}[name], max_batch=1, max_len=96, tokenizer=tok,
+                               experts_per_request=2)
+                r = alone.submit(tok(p)["input_ids"], max_new_tokens=7, **extra)
+                alone.run_until_done()
+                assert ch.text == tok.decode(r.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                assert ch.model_extra["experts"]["index"] == r.experts[0]
+        err = _error(lambda: c.completions.create(model="b", prompt="x", max_tokens=2,
+                                                  extra_body={"expert_index": [3]}))
+        assert err.status_code == 400 and err.body["param"] == "expert_index" and "[0, 3)" in err.body["message"]
+
+
+def test_serve_py_builds_several_banks(tmp_path):
+    """python/serve.py's build(): two --prompts banks become one PromptSets Engine (SmolLM2, the embedded
+    default backbone). A PEFT adapter beside them is refused by PromptSets (position offsets): tested
+    in test_serving.py::test_prompt_sets_refuse_what_they_cannot_serve."""
+    import argparse
+    import importlib.util
+    import mops_kernels
+    from mops_kernels.modules.prompts import MixtureOfPrompts
+    spec = importlib.util.spec_from_file_location("serve_cli", os.path.join(ROOT, "python", "serve.py"))
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    model, _ = mops_kernels.load_backbone()
+    for i, name in enumerate(("x", "y")):
+        torch.manual_seed(i)
+        MixtureOfPrompts.for_model(model, num_experts=3 + i, prompt_len=4, top_k=2, gate_hidden=16).save(
+            str(tmp_path / name))
+    args = argparse.Namespace(backbone=None, device="cpu", max_batch=2, max_len=64, max_queue=8,
+                              prompts=[f"x={tmp_path / 'x'}", f"y={tmp_path / 'y'}"], peft=None)
+    engine, tok, models = serve.build(args)
+    assert engine.sets.sizes == {"x": 3, "y": 4} and models["y"]["prompt_set"] == "y"
+    r = engine.submit(tok("The sea is")["input_ids"], prompt_set="y", max_new_tokens=3)
+    engine.run_until_done()
+    assert len(r.tokens) == 3 and all(0 <= j < 4 for j in r.experts[0])

@@ -441,3 +441,74 @@ def test_failed_graph_capture_gives_the_eager_tokens(monkeypatch):
         eng.run_until_done()
     assert warm == [4] and not eng.use_graph
     assert [r.tokens for r in reqs] == [r.tokens for r in want]
+
+
+# ---- several prompt sets in one Engine (serving.prompt_sets.PromptSets) ----------------------------
+def _two_sets(model):
+    """Set "a": the doubles' bank (5 slots of 7, gate at layer 1, top-2); set "b": real PromptBank +
+    SmartGate (3 slots of 4 tokens, per-layer log-weights that differ by layer, gate at layer 0, top-1)."""
+    from _hf_doubles import Bank, Gate, MoPs
+    from mops_kernels.modules.prompts import MixtureOfPrompts, PromptBank, SmartGate
+    cfg = model.config
+    L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    a = MoPs(Bank(L, 2, 5, 7, Hkv, D, seed=1), Gate(cfg.hidden_size, 5, 1, 2), 2)
+    torch.manual_seed(21)
+    bank = PromptBank(L, range(2, L), 3, 4, Hkv, D, init_std=1.5, layer_log_weight=0.0)
+    with torch.no_grad():
+        bank.layer_log_weight.copy_(torch.tensor([0.7, -1.2]))
+        bank.lens.copy_(torch.tensor([4, 2, 3], dtype=torch.int32))
+    b = MixtureOfPrompts(bank, SmartGate(cfg.hidden_size, 3, 1, 0, 16), inject_from=2)
+    return a, b
+
+
+def test_prompt_sets_serve_each_set_as_alone():
+    """Requests of two prompt sets (gate-picked and named slots) and plain ones, prefilled and decoded in
+    one batch, get the tokens and experts each set's own Engine gives them alone."""
+    from mops_kernels.serving.prompt_sets import PromptSets
+    model = tiny_model(seed=5)
+    a, b = _two_sets(model)
+    sets = PromptSets({"a": a, "b": b}, num_layers=model.config.num_hidden_layers)
+    assert sets.sizes == {"a": 5, "b": 3} and sets.offsets == {"a": 0, "b": 5} and sets.top_k == 2
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(1, 97, (n,), generator=g) for n in (5, 9, 3, 7, 6, 4)]
+    asks = [("a", None), ("b", None), ("b", [2, 0]), ("a", [4]), (None, None), ("b", None)]
+    eng = Engine(model, sets, max_batch=6, max_len=32, eos_token_id=[])
+    reqs = [eng.submit(p, prompt_set=s, expert_index=ei, max_new_tokens=6) for p, (s, ei) in zip(prompts, asks)]
+    eng.run_until_done()
+    for p, (s, ei), r in zip(prompts, asks, reqs):
+        alone = Engine(model, {"a": a, "b": b}.get(s), max_batch=1, max_len=32, eos_token_id=[],
+                       experts_per_request=2)
+        want = alone.submit(p, expert_index=ei, max_new_tokens=6)
+        alone.run_until_done()
+        assert r.tokens == want.tokens, (s, ei)
+        if s is not None:
+            assert r.experts[0] == want.experts[0], (s, ei, r.experts, want.experts)
+            assert r.experts[1] == pytest.approx(want.experts[1], abs=1e-6)
+        else:
+            assert r.experts == ([], [])
+
+
+def test_prompt_sets_refuse_what_they_cannot_serve():
+    from _hf_doubles import Bank, MoPs
+    from mops_kernels.serving.prompt_sets import PromptSets
+    model = tiny_model(seed=5)
+    a, b = _two_sets(model)
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    with pytest.raises(ValueError, match="inject the same layers"):
+        PromptSets({"a": a, "late": MoPs(Bank(L, 3, 2, 4, 2, 16), None, 3)}, num_layers=L)
+    shifted = MoPs(Bank(L, 2, 2, 4, 2, 16), None, 2)
+    shifted.position_offset = 4
+    with pytest.raises(ValueError, match="position offsets"):
+        PromptSets({"a": a, "peft": shifted}, num_layers=L)
+    sets = PromptSets({"a": a, "b": b, "fixed": MoPs(Bank(L, 2, 2, 4, 2, 16), None, 2)}, num_layers=L)
+    eng = Engine(model, sets, max_batch=2, max_len=64)
+    with pytest.raises(ValueError, match="unknown set 'c'"):
+        eng.submit([1, 2], prompt_set="c")
+    with pytest.raises(ValueError, match=r"prompt set 'b': expert_index out of range: .*E=3"):
+        eng.submit([1, 2], prompt_set="b", expert_index=[3])          # slot 3 of a 3-slot set
+    with pytest.raises(ValueError, match="'fixed' has no gate"):
+        eng.submit([1, 2], prompt_set="fixed")
+    plain = Engine(model, a, max_batch=2, max_len=64)
+    with pytest.raises(ValueError, match="serves one prompt set"):
+        plain.submit([1, 2], prompt_set="a")

@@ -49,6 +49,7 @@ from ..integrations.hf import Plan, check_expert_index, run_prefix_attention, va
 from .decode import DecodeStep, SlotCache, rms
 from .graphs import DecodeGraphs
 from .sampling import Sampler, StopStrings
+from .prompt_sets import PromptSets
 from .scheduler import QueueFull, Request, Scheduler, summarize  # noqa: F401 (re-exported)
 
 
@@ -122,9 +123,12 @@ class Engine:
         self.device = dev = next(model.parameters()).device
         with torch.no_grad():
             self.dtype = self.embed(torch.zeros(1, 1, dtype=torch.long, device=dev)).dtype
-        kk = experts_per_request or (int(plan.gate.top_k) if plan.gate is not None else 2)
-        if plan.gate is not None and kk < int(plan.gate.top_k):
-            raise ValueError(f"experts_per_request={kk} < the gate's top_k={plan.gate.top_k}")
+        # several prompt sets pooled (prompt_sets.PromptSets): each set's gate runs on its own requests
+        self.sets = prompts if isinstance(prompts, PromptSets) else None
+        gate_k = int(plan.gate.top_k) if plan.gate is not None else (self.sets.top_k if self.sets else None)
+        kk = experts_per_request or gate_k or 2
+        if gate_k is not None and kk < gate_k:
+            raise ValueError(f"experts_per_request={kk} < the gate's top_k={gate_k}")
         self.sched = Scheduler(max_batch, max_waiting)
         self.cache = SlotCache(plan, self.L, self.Hkv, self.D, max_batch, max_len, kk, self.dtype, dev)
         self.decoder = DecodeStep(model, self.layers, self.cache, Hq=self.Hq, Hkv=self.Hkv, D=self.D,
@@ -145,9 +149,12 @@ class Engine:
     # ---------------------------------------------------------------------------------------- API
     def submit(self, ids, expert_index=None, expert_weight=None, max_new_tokens=32,
                on_token: Optional[Callable] = None, *, do_sample=False, temperature=1.0, top_k=None,
-               top_p=None, seed=None, stop=None, logprobs=None, prompt_logprobs=None) -> Request:
+               top_p=None, seed=None, stop=None, logprobs=None, prompt_logprobs=None,
+               prompt_set=None) -> Request:
         """Queue a request: ids [T] or [1, T] token ids; expert_index [k] (slots, -1: unused) or None for
-        the gate; expert_weight [k] (default 1 each).
+        the gate; expert_weight [k] (default 1 each). With PromptSets: prompt_set names the set (its
+        gate picks, or expert_index numbers slots within it); None: no slot, or expert_index numbers
+        pool slots.
 
         max_new_tokens >= 0 (0: prefill only, for `prompt_logprobs`). Greedy unless do_sample: then
         temperature (> 0), top_k (None/0: off), top_p (None/1: off) as in transformers' generate(),
@@ -168,10 +175,21 @@ class Engine:
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(f"ids: token ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]")
         kk = self.cache.index.shape[1]
+        if prompt_set is not None:
+            if self.sets is None:
+                raise ValueError("prompt_set: this Engine serves one prompt set (Engine(model, PromptSets(...)) "
+                                 "serves several)")
+            self.sets.check(prompt_set)
         if expert_index is not None:
             ei = torch.as_tensor(expert_index, device=self.device).reshape(1, -1)
             ew = None if expert_weight is None else torch.as_tensor(expert_weight, dtype=torch.float32,
                                                                       device=self.device).reshape(1, -1)
+            if prompt_set is not None:               # slots numbered within the set -> pool slots
+                try:
+                    check_expert_index(ei, ew, self.sets.sizes[prompt_set])
+                except ValueError as e:
+                    raise ValueError(f"prompt set {prompt_set!r}: {e}") from None
+                ei = torch.where(ei >= 0, ei + self.sets.offsets[prompt_set], ei)
             check_expert_index(ei, ew, self.plan.num_experts)
             if ew is not None and not bool(torch.isfinite(ew).all()):
                 raise ValueError(f"expert_weight must be finite, got {ew.view(-1).tolist()}")
@@ -181,6 +199,9 @@ class Engine:
             expert_index, expert_weight = ei, ew
         elif expert_weight is not None:
             raise ValueError("expert_weight given without expert_index")
+        elif self.sets is not None:
+            if prompt_set is not None and prompt_set not in self.sets.gates:
+                raise ValueError(f"expert_index: prompt set {prompt_set!r} has no gate; name the experts")
         elif self.plan.bank is not None and self.plan.gate is None:
             raise ValueError("expert_index: the prompts have no gate; name the experts")
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
@@ -190,6 +211,7 @@ class Engine:
         stops = None if stop is None or stop == [] else StopStrings(self.tokenizer, stop)
         req = Request(self._next_id, ids, expert_index, expert_weight, max_new_tokens, on_token, sampler,
                       stops, logprobs, prompt_logprobs)
+        req.prompt_set = prompt_set
         self.sched.enqueue(req)
         self._next_id += 1
         return req
@@ -318,9 +340,9 @@ class Engine:
         h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _check_gate(self, reqs, gated, gi, gw):
+    def _check_gate(self, reqs, gated, gi, gw, E=None):
         """The gate's output enters here: slots in [0, E), weights finite and >= 0, per request."""
-        E = self.plan.num_experts
+        E = self.plan.num_experts if E is None else E
         for i in gated:
             idx, w = gi[i].tolist(), gw[i].float().tolist()
             if any(not 0 <= j < E for j in idx) or any(not (x >= 0 and x < float("inf")) for x in w):
@@ -343,6 +365,13 @@ class Engine:
                 c.index[r.slot, :k] = r.expert_index[0].to(torch.int32)
                 c.weight[r.slot, :k] = 1.0 if r.expert_weight is None else r.expert_weight[0]
         gated = [i for i, r in enumerate(reqs) if r.expert_index is None and plan.gate is not None]
+        set_gates = []                      # (layer, gate, rows, slot offset, slots in the set) per set
+        if self.sets is not None:
+            for name, gate in self.sets.gates.items():
+                rows = [i for i, r in enumerate(reqs) if r.expert_index is None and r.prompt_set == name]
+                if rows:
+                    set_gates.append((int(gate.gate_layer), gate, rows, self.sets.offsets[name],
+                                      self.sets.sizes[name]))
         h = self.embed(ids)
         pos = torch.arange(T, device=dev).expand(n, T) + plan.position_offset
         cos, sin = self.rotary(h, pos)
@@ -362,6 +391,14 @@ class Engine:
                 g = slots[gated]
                 c.index[g, :gi.shape[1]] = gi[gated].to(torch.int32)
                 c.weight[g, :gi.shape[1]] = gw[gated].float()
+            for gl, gate, rows, off, size in set_gates:
+                if l == gl:
+                    sel = torch.tensor(rows, device=dev)
+                    gi, gw = gate(h[sel], pad[sel])
+                    self._check_gate([reqs[i] for i in rows], range(len(rows)), gi, gw, size)
+                    g = slots[sel]
+                    c.index[g, :gi.shape[1]] = gi.to(torch.int32) + off
+                    c.weight[g, :gi.shape[1]] = gw.float()
         c.mask[slots] = 0
         c.mask[slots, :T] = pad
         c.lens[slots] = pad.sum(1)
@@ -371,7 +408,8 @@ class Engine:
         for i, r in enumerate(reqs):
             c.host_lens[r.slot] = r.ids.numel()
             if plan.bank is not None:
-                r.experts = ([j for j in chosen[i] if j >= 0], [w for j, w in zip(chosen[i], weights[i]) if j >= 0])
+                off = self.sets.offsets[r.prompt_set] if r.prompt_set is not None else 0   # within the set
+                r.experts = ([j - off for j in chosen[i] if j >= 0], [w for j, w in zip(chosen[i], weights[i]) if j >= 0])
             if r.prompt_logprobs is not None:
                 Ti = r.ids.numel()
                 lp = self.lm_head(self.norm(h[i, :Ti - 1])).float().log_softmax(-1)

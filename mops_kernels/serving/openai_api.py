@@ -9,8 +9,9 @@ strings, token ids or lists of them, one choice each; max_tokens, temperature (0
 top_k, seed, stop, n=1, stream, stream_options.include_usage, logprobs, echo); POST /v1/chat/completions (the tokenizer's chat
 template; stream); GET /health (status and the Engine's running / waiting counts).
 `model` selects the prompt set: `models[name]` is {"kind": "base" | "mops" | "peft", "expert_index":
-slots or None}. A MoPs bank's gate picks per request unless the extra body fields `expert_index` /
-`expert_weight` name the slots; every choice carries `experts` ({"index", "weight"}: what served it).
+slots or None, "prompt_set": its name in the Engine's PromptSets, when it serves several}. A MoPs
+bank's gate picks per request unless the extra body fields `expert_index` / `expert_weight` name the
+slots (numbered within the bank); every choice carries `experts` ({"index", "weight"}: what served it).
 `echo=true, max_tokens=0, logprobs=k` returns the prompt's token log-probabilities (the scoring call of
 lm-eval-harness's local-completions and DLN's OpenAI backend).
 
@@ -218,23 +219,24 @@ class Server:
 
     def _experts(self, body, entry):
         ei, ew = body.get("expert_index"), body.get("expert_weight")
+        pset = entry.get("prompt_set")            # one of several sets in the Engine (PromptSets)
         if ei is None:
             if ew is not None:
                 raise _bad("expert_weight", "given without expert_index")
-            return dict(expert_index=entry.get("expert_index"))
+            return dict(expert_index=entry.get("expert_index"), prompt_set=pset)
         if entry["kind"] != "mops":
             raise _bad("expert_index", f"only a MoPs bank's slots can be named; model "
                                        f"{body.get('model')!r} is a {entry['kind']} model")
         if not _token_list(ei):
             raise _bad("expert_index", f"must be a non-empty list of integers, got {ei!r}")
-        E = self.engine.plan.num_experts
+        E = self.engine.plan.num_experts if pset is None else self.engine.sets.sizes[pset]
         if any(not 0 <= j < E for j in ei):
             raise _bad("expert_index", f"slots must be in [0, {E}), got {ei}")
         if ew is not None:
             if not isinstance(ew, list) or len(ew) != len(ei) or not all(
                     isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf") for w in ew):
                 raise _bad("expert_weight", f"must be {len(ei)} finite numbers >= 0, got {ew!r}")
-        return dict(expert_index=ei, expert_weight=ew)
+        return dict(expert_index=ei, expert_weight=ew, prompt_set=pset)
 
     def _fit(self, ids, max_tokens):
         if not ids:

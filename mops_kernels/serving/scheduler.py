@@ -26,7 +26,7 @@ class Request:
 
     Output: `tokens`, `done`, `finish_reason` ("length", "eos", "stop", "cancelled" or "error"),
     `error` (the exception that ended it), `experts` = (slots, weights) that served it (the gate's
-    choice or the named ones; None without a prompt bank), `token_logprobs` / `prompt_token_logprobs`
+    choice or the named ones, numbered within its prompt set when it has one; None without a bank), `token_logprobs` / `prompt_token_logprobs`
     (one (logprob, {token: logprob of the k best}) per token; the prompt's first token has None),
     `stop_string` (the stop string that ended it), and the time of submit and of every token."""
 
@@ -35,6 +35,7 @@ class Request:
                  prompt_logprobs=None):
         self.id, self.ids, self.max_new_tokens, self.on_token = rid, ids, max_new_tokens, on_token
         self.expert_index, self.expert_weight = expert_index, expert_weight
+        self.prompt_set = None          # the PromptSets member it uses (Engine.submit(prompt_set=))
         self.sampler, self.stop = sampler, stop
         self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.tokens: List[int] = []
