@@ -98,6 +98,18 @@ def test_stream_chunks_concatenate_to_the_text(tiny):
     chunks = list(c.completions.create(model="base", prompt="hi", max_tokens=3, temperature=0, echo=True,
                                        stream=True))
     assert chunks[0].choices[0].text == "hi"
+    # logprobs in a stream: the chunks' log-probs concatenate to the non-streamed answer's (with a stop
+    # string too: the tokens past it are reported, as without stream)
+    for stop_ in (None, [stop]):
+        whole = c.completions.create(model="mops", prompt=PROMPTS[1], max_tokens=12, temperature=0, logprobs=2,
+                                     stop=stop_).choices[0].logprobs
+        chunks = list(c.completions.create(model="mops", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                           logprobs=2, stop=stop_, stream=True))
+        got = {k: [x for ch in chunks if ch.choices[0].logprobs for x in getattr(ch.choices[0].logprobs, k)]
+               for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        assert got["tokens"] == whole.tokens and got["text_offset"] == whole.text_offset
+        assert got["token_logprobs"] == pytest.approx(whole.token_logprobs, abs=1e-6)
+        assert got["top_logprobs"] == whole.top_logprobs
 
 
 def test_echo_logprobs_equal_a_plain_forward(tiny):
@@ -135,6 +147,22 @@ def test_chat_completions_use_the_chat_template(tiny):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
     assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+    # logprobs: the Engine's, one entry per generated token, streamed or not; top_logprobs needs logprobs
+    eng = Engine(tiny["model"], tiny["mops"], max_batch=1, max_len=96, tokenizer=tiny["tok"])
+    want = eng.submit(ids, max_new_tokens=12, logprobs=3)
+    eng.run_until_done()
+    out = c.chat.completions.create(model="mops", messages=msgs, max_tokens=12, temperature=0, logprobs=True,
+                                    top_logprobs=3)
+    got = out.choices[0].logprobs.content
+    assert [e.logprob for e in got] == pytest.approx([lp for lp, _ in want.token_logprobs], abs=1e-6)
+    assert all(len(e.top_logprobs) == 3 and e.bytes == list(e.token.encode()) for e in got)
+    assert "".join(e.token for e in got) == tiny["tok"].decode(want.tokens, clean_up_tokenization_spaces=False)
+    chunks = list(c.chat.completions.create(model="mops", messages=msgs, max_tokens=12, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in got]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        c.chat.completions.create(model="mops", messages=msgs, max_tokens=2, top_logprobs=2)
 
 
 def test_16_concurrent_clients_each_get_their_solo_answer(tiny):
@@ -241,7 +269,7 @@ def test_errors_answer_openai_bodies_naming_the_field(tiny):
         (dict(model="mops", top_p=1.5), "top_p"),
         (dict(model="mops", n=2), "n"),
         (dict(model="mops", stop=["a", "b", "c", "d", "e"]), "stop"),
-        (dict(model="mops", logprobs=2, stream=True), "logprobs"),
+        (dict(model="mops", logprobs=2, stream=True, echo=True), "logprobs"),
     ]
     for kw, field in cases:
         kw.setdefault("prompt", "hello")

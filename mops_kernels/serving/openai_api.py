@@ -7,7 +7,7 @@
 Endpoints (OpenAI semantics): GET /v1/models; POST /v1/completions (prompt: a string, a list of
 strings, token ids or lists of them, one choice each; max_tokens, temperature (0: greedy), top_p,
 top_k, seed, stop, n=1, stream, stream_options.include_usage, logprobs, echo); POST /v1/chat/completions (the tokenizer's chat
-template; stream); GET /health (status and the Engine's running / waiting counts).
+template; stream; logprobs / top_logprobs); GET /health (status and the Engine's running / waiting counts).
 `model` selects the prompt set: `models[name]` is {"kind": "base" | "mops" | "peft", "expert_index":
 slots or None, "prompt_set": its name in the Engine's PromptSets, when it serves several}. A MoPs
 bank's gate picks per request unless the extra body fields `expert_index` / `expert_weight` name the
@@ -20,7 +20,7 @@ through a command queue (submit, cancel) and one asyncio queue per HTTP call, fe
 new tokens after every Engine step. A client that disconnects has its requests cancelled at once (their
 slots freed). A full Engine queue answers 429, bad input 400 naming the field (OpenAI's error body);
 an Engine failure of one request answers 500 for that request only.
-Not supported (400 naming the field): n > 1, best_of, logprobs together with stream, chat logprobs.
+Not supported (400 naming the field): n > 1, best_of, logprobs with both stream and echo.
 """
 
 import asyncio
@@ -353,8 +353,8 @@ class Server:
         max_tokens = _num(body, "max_tokens", 16, lo=0, integer=True)
         logprobs = _num(body, "logprobs", None, lo=0, hi=20, integer=True)
         echo, stream = _flag(body, "echo"), _flag(body, "stream")
-        if stream and logprobs is not None:
-            raise _bad("logprobs", "is not supported together with stream")
+        if stream and logprobs is not None and echo:
+            raise _bad("logprobs", "is not supported together with stream and echo")
         kw = self._sampling(body)
         kw.update(self._experts(body, entry))
         if max_tokens == 0 and not echo:
@@ -374,10 +374,11 @@ class Server:
         if stream:
             usage = self._usage_chunk(body, cid, "text_completion", created, name, sum(len(p[0]) for p in prompts))
             return self._stream(reqs, events, request, prompts if echo else None, usage,
-                                lambda i, text, fin, req: {
+                                lambda i, text, fin, req, lp=None: {
                                     "id": cid, "object": "text_completion", "created": created, "model": name,
-                                    "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": fin,
-                                                 **({"experts": self._experts_out(req)} if fin else {})}]})
+                                    "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": fin,
+                                                 **({"experts": self._experts_out(req)} if fin else {})}]},
+                                logprobs=self._completion_logprobs if logprobs is not None else None)
         done = await self._collect(reqs, events, request)
         choices, usage = [], [0, 0]
         for i, req in enumerate(done):
@@ -403,8 +404,10 @@ class Server:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in msgs):
             raise _bad("messages", "must be a non-empty list of {role, content} objects with string content")
-        if body.get("logprobs") or body.get("top_logprobs"):
-            raise _bad("logprobs", "is not supported on chat completions (use /v1/completions)")
+        want_lp = _flag(body, "logprobs")
+        top = _num(body, "top_logprobs", None, lo=0, hi=20, integer=True)
+        if top is not None and not want_lp:
+            raise _bad("top_logprobs", "needs logprobs=true")
         if getattr(self.tok, "chat_template", None) is None:
             raise _bad("messages", "the backbone's tokenizer has no chat template")
         mt = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -415,23 +418,25 @@ class Server:
         ids = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         self._fit(ids, max_tokens)
-        reqs, events = await self._submit([dict(ids=ids, max_new_tokens=max_tokens, **kw)])
+        reqs, events = await self._submit([dict(ids=ids, max_new_tokens=max_tokens,
+                                                logprobs=(top or 0) if want_lp else None, **kw)])
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
-            def chunk(i, text, fin, req):
+            def chunk(i, text, fin, req, lp=None):
                 delta = {} if fin else {"content": text}
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                        "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": fin,
+                        "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin,
                                      **({"experts": self._experts_out(req)} if fin else {})}]}
             usage = self._usage_chunk(body, cid, "chat.completion.chunk", created, name, len(ids))
             return self._stream(reqs, events, request, None, usage, chunk, first={
                 "id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}]})
+                             "finish_reason": None}]}, logprobs=self._chat_logprobs if want_lp else None)
         req = (await self._collect(reqs, events, request))[0]
+        lp = self._chat_logprobs(req.token_logprobs[:len(req.tokens)], req.tokens)[0] if want_lp else None
         return {"id": cid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": self._text(req)},
-                             "logprobs": None, "finish_reason": self._finish(req),
+                             "logprobs": lp, "finish_reason": self._finish(req),
                              "experts": self._experts_out(req)}],
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": len(req.tokens),
                           "total_tokens": len(ids) + len(req.tokens)}}
@@ -462,7 +467,38 @@ class Server:
         return {"id": cid, "object": obj, "created": created, "model": name, "choices": [],
                 "usage": {"prompt_tokens": prompt_tokens}}
 
-    def _stream(self, reqs, events, request, echo_prompts, usage, chunk, first=None):
+    def _completion_logprobs(self, entries, tokens, offset=0):
+        """(completions' logprobs object, characters its tokens span), text_offset starting at offset."""
+        lp = self._logprobs(entries, tokens)
+        lp["text_offset"] = [o + offset for o in lp["text_offset"]]
+        return lp, sum(len(t) for t in lp["tokens"])
+
+    def _chat_logprobs(self, entries, tokens, offset=0):
+        """(chat's logprobs object {"content": [{token, logprob, bytes, top_logprobs}]}, characters)."""
+        def item(s, v):
+            return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+        content, n = [], 0
+        for t, e in zip(tokens, entries):
+            s = self.tok.decode([t], clean_up_tokenization_spaces=False)
+            n += len(s)
+            tops = [item(self.tok.decode([j], clean_up_tokenization_spaces=False), v) for j, v in e[1].items()]
+            content.append({**item(s, e[0]), "top_logprobs": tops})
+        return {"content": content}, n
+
+    def _stream(self, reqs, events, request, echo_prompts, usage, chunk, first=None, logprobs=None):
+        """SSE chunks of `reqs`. logprobs (a formatter: _completion_logprobs or _chat_logprobs): each chunk
+        carries the log-probs of the tokens that arrived since the previous chunk, the last chunk the
+        rest, so the chunks' log-probs concatenate to the non-streamed answer's."""
+        lp_sent, lp_off = [0] * len(reqs), [0] * len(reqs)
+
+        def lp_since(i, req, n):
+            if logprobs is None:
+                return {}
+            lp, chars = logprobs(req.token_logprobs[lp_sent[i]:n], req.tokens[lp_sent[i]:n], lp_off[i])
+            lp_off[i] += chars
+            lp_sent[i] = n
+            return {"lp": lp}
+
         async def gen():
             tokens = [[] for _ in reqs]
             sent = [""] * len(reqs)
@@ -484,11 +520,11 @@ class Server:
                         continue
                     text = self._safe_text(req, tokens[i], kind == "done")
                     if len(text) > len(sent[i]) and text.startswith(sent[i]):
-                        yield f"data: {json.dumps(chunk(i, text[len(sent[i]):], None, req))}\n\n"
+                        yield f"data: {json.dumps(chunk(i, text[len(sent[i]):], None, req, **lp_since(i, req, len(tokens[i]))))}\n\n"
                         sent[i] = text
                     if kind == "done":
                         left.discard(i)
-                        yield f"data: {json.dumps(chunk(i, '', self._finish(req), req))}\n\n"
+                        yield f"data: {json.dumps(chunk(i, '', self._finish(req), req, **lp_since(i, req, len(req.tokens))))}\n\n"
                 if usage is not None:
                     n = sum(len(r.tokens) for r in reqs)
                     usage["usage"].update(completion_tokens=n, total_tokens=usage["usage"]["prompt_tokens"] + n)
