@@ -7,9 +7,8 @@
 Models (`model` in a request; GET /v1/models lists them): "base" (no prompts), the MoPs bank (its
 gate picks each request's experts, or the body's `expert_index` / `expert_weight`), each PEFT
 adapter by its name. Endpoints and semantics: mops_kernels/serving/openai_api.py. Several --prompts
-banks share one continuous batch (mops_kernels.serving.prompt_sets.PromptSets: each keeps its gate);
-they must inject the same layers. PEFT prefix adapters shift the prompt's positions and MoPs banks do
-not, so --peft and --prompts are not served together (the error says so).
+banks and --peft adapters share one continuous batch (mops_kernels.serving.prompt_sets.PromptSets:
+each bank keeps its gate, each PEFT request its shifted positions).
 The batch command line that this program used to be is python/batch_generate.py.
 """
 import argparse

@@ -66,6 +66,31 @@ def test_mixed_batch_rows_equal_peft_alone(adapters):
     assert (plain - logits).abs().max() > 1e-2          # the adapters changed the logits
 
 
+def test_peft_adapters_beside_a_mops_bank_in_one_engine_equal_peft_alone(adapters):
+    """PEFT adapters and a MoPs bank pooled in one Engine (PromptSets), their requests in one batch with
+    a plain one: each PEFT request's greedy tokens are PEFT's own, the plain request the bare model's."""
+    from _hf_doubles import tiny_mops
+    from mops_kernels.serving import Engine
+    from mops_kernels.serving.prompt_sets import PromptSets
+    model = tiny_model()
+    pool = PromptSets({"peft": from_peft(model, adapters), "mops": tiny_mops(model)}, num_layers=4)
+    eng = Engine(model, pool, max_batch=4, max_len=40, eos_token_id=[])
+    ids, mask = left_padded(B=4, pads=(0, 0, 0, 0))
+    asks = [("peft", [0]), ("mops", None), ("peft", [1]), (None, None)]
+    reqs = [eng.submit(ids[b], prompt_set=s, expert_index=ei, max_new_tokens=6) for b, (s, ei) in enumerate(asks)]
+    eng.run_until_done()
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for b, (s, ei) in enumerate(asks):
+        i, m = row(ids, mask, b)
+        if s == "peft":
+            want = _peft_alone(adapters[ei[0]], i, m, **gen)[1][0].tolist()
+        elif s is None:
+            want = tiny_model().generate(input_ids=i, attention_mask=m, **gen)[0, i.shape[1]:].tolist()
+        else:
+            continue
+        assert reqs[b].tokens == want, (b, s)
+
+
 def _write(path, cfg, table=None):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "adapter_config.json"), "w") as fh:

@@ -371,8 +371,7 @@ def test_two_prompt_sets_in_one_server():
 
 def test_serve_py_builds_several_banks(tmp_path):
     """python/serve.py's build(): two --prompts banks become one PromptSets Engine (SmolLM2, the embedded
-    default backbone). A PEFT adapter beside them is refused by PromptSets (position offsets): tested
-    in test_serving.py::test_prompt_sets_refuse_what_they_cannot_serve."""
+    default backbone). PEFT adapters beside MoPs banks in one Engine: test_peft_import.py."""
     import argparse
     import importlib.util
     import mops_kernels

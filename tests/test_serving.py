@@ -495,12 +495,8 @@ def test_prompt_sets_refuse_what_they_cannot_serve():
     a, b = _two_sets(model)
     cfg = model.config
     L = cfg.num_hidden_layers
-    with pytest.raises(ValueError, match="inject the same layers"):
-        PromptSets({"a": a, "late": MoPs(Bank(L, 3, 2, 4, 2, 16), None, 3)}, num_layers=L)
-    shifted = MoPs(Bank(L, 2, 2, 4, 2, 16), None, 2)
-    shifted.position_offset = 4
-    with pytest.raises(ValueError, match="position offsets"):
-        PromptSets({"a": a, "peft": shifted}, num_layers=L)
+    with pytest.raises(ValueError, match=r"different \(kv heads, head dim\)"):
+        PromptSets({"a": a, "wide": MoPs(Bank(L, 2, 2, 4, 2, 32), None, 2)}, num_layers=L)
     sets = PromptSets({"a": a, "b": b, "fixed": MoPs(Bank(L, 2, 2, 4, 2, 16), None, 2)}, num_layers=L)
     eng = Engine(model, sets, max_batch=2, max_len=64)
     with pytest.raises(ValueError, match="unknown set 'c'"):
@@ -512,3 +508,56 @@ def test_prompt_sets_refuse_what_they_cannot_serve():
     plain = Engine(model, a, max_batch=2, max_len=64)
     with pytest.raises(ValueError, match="serves one prompt set"):
         plain.submit([1, 2], prompt_set="a")
+
+
+def test_prompt_sets_mix_layers_and_position_offsets():
+    """A MoPs bank from layer 2, one from layer 3 and a PEFT-like set on every layer with its positions
+    shifted by 4 (as PEFT prefix tuning does), plus plain requests, in one batch: each request gets the
+    tokens its set's own Engine gives it alone (a plain request: the bare model's)."""
+    from _hf_doubles import Bank, MoPs
+    from mops_kernels.serving.prompt_sets import PromptSets
+    model = tiny_model(seed=6)
+    L = model.config.num_hidden_layers
+    a, _ = _two_sets(model)
+    late = MoPs(Bank(L, 3, 2, 4, 2, 16, seed=4), None, 3)
+    peft = MoPs(Bank(L, 0, 3, 4, 2, 16, seed=9), None, 0)
+    peft.position_offset = 4
+    sets = {"a": a, "late": late, "peft": peft}
+    pool = PromptSets(sets, num_layers=L)
+    assert pool.position_offsets == {"a": 0, "late": 0, "peft": 4} and pool.inject_from == 0
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 97, (n,), generator=g) for n in (6, 4, 8, 5, 7)]
+    asks = [("peft", [1]), ("a", None), ("late", [1, 0]), (None, None), ("peft", [2, 0])]
+    eng = Engine(model, pool, max_batch=3, max_len=40, eos_token_id=[])      # 5 requests through 3 rows
+    reqs = [eng.submit(p, prompt_set=s, expert_index=ei, max_new_tokens=7) for p, (s, ei) in zip(prompts, asks)]
+    eng.run_until_done()
+    for p, (s, ei), r in zip(prompts, asks, reqs):
+        alone = Engine(model, sets.get(s), max_batch=1, max_len=40, eos_token_id=[], experts_per_request=2)
+        want = alone.submit(p, expert_index=ei, max_new_tokens=7)
+        alone.run_until_done()
+        assert r.tokens == want.tokens, (s, ei)
+
+
+def test_a_request_with_no_slot_is_the_plain_model_under_shifted_prompts():
+    """A PEFT-like set (positions shifted by its 4 virtual tokens): a request or generate() row that
+    uses no slot (index -1) gets the bare model's tokens, unshifted, in the Engine and through attach."""
+    from _hf_doubles import Bank, MoPs
+    from mops_kernels.integrations.hf import detach
+    model = tiny_model(seed=7)
+    L = model.config.num_hidden_layers
+    peft = MoPs(Bank(L, 0, 2, 4, 2, 16, seed=9), None, 0)
+    peft.position_offset = 4
+    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                           pad_token_id=0)[:, 6:]
+    eng = Engine(model, peft, max_batch=2, max_len=32, eos_token_id=[])
+    r = [eng.submit(ids[0], expert_index=[-1], max_new_tokens=5), eng.submit(ids[1], expert_index=[1], max_new_tokens=5)]
+    eng.run_until_done()
+    assert r[0].tokens == plain[0].tolist()
+    attach(model, peft)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             pad_token_id=0, expert_index=torch.tensor([[-1], [1]]))[:, 6:]
+    finally:
+        detach(model)
+    assert out[0].tolist() == plain[0].tolist() and out[1].tolist() == r[1].tokens

@@ -369,7 +369,10 @@ def attach(model, prompts=None, *, quantize=False):
             pos = kwargs.get("position_ids")
             if pos is None:
                 pos = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
-            kwargs["position_ids"] = pos + plan.position_offset
+            off = plan.position_offset
+            if req.index is not None:     # a row that uses no slot is the plain model: no shift
+                off = (req.index >= 0).any(-1, keepdim=True).to(pos.device, torch.long) * off
+            kwargs["position_ids"] = pos + off
         try:
             return orig_forward(mops_prefix=req, **kwargs)
         finally:

@@ -134,6 +134,7 @@ class SlotCache:
         self.index = torch.full((B, experts_per_request), -1, dtype=torch.int32, device=dev)
         self.weight = torch.zeros(B, experts_per_request, dtype=torch.float32, device=dev)
         self.tokens_in = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pos_offset = torch.zeros(B, dtype=torch.long, device=dev)   # per-row position shift (PEFT)
         self.rows = torch.arange(B, device=dev)
         self.rows_i32 = self.rows.to(torch.int32).view(B, 1)
         self.iapt = {}                                   # layer -> (k, v) pools [max_batch, 4, Hkv, D]
@@ -155,6 +156,7 @@ class SlotCache:
         self.host_lens[b] = 0
         self.index[b] = -1
         self.weight[b] = 0.0
+        self.pos_offset[b] = 0
 
     def prefix(self, l, rows):
         """(pool_k, pool_v, index, weight, lens) for layer l and batch rows `rows` (slice or index)."""
@@ -167,7 +169,8 @@ class SlotCache:
             kv = plan.bank.layer(l)
             if kv is not None:
                 idx = self.index[rows]
-                return kv[0], kv[1], idx, plan.bank_weight(l, self.weight[rows], idx), plan.bank.lens
+                lens = plan.bank.layer_lens(l) if hasattr(plan.bank, "layer_lens") else plan.bank.lens
+                return kv[0], kv[1], idx, plan.bank_weight(l, self.weight[rows], idx), lens
         return None, None, None, None, None
 
 
@@ -184,6 +187,8 @@ class DecodeStep:
         self.Hq, self.Hkv, self.D, self.max_len = Hq, Hkv, D, max_len
         self.dtype, self.device = dtype, device
         self.lean = [LeanLayer(layer, device, fuse) for layer in layers]
+        # the largest position shift a row may have (SlotCache.pos_offset; 0: positions are the lengths)
+        self.max_offset = int(getattr(self.plan.prompts, "max_position_offset", self.plan.position_offset) or 0)
         q1 = torch.empty(1, Hq, 1, D, dtype=dtype, device=device)
         for l, ly in enumerate(self.lean):
             has_prefix = cache.prefix(l, slice(0, 1))[2] is not None
@@ -199,7 +204,7 @@ class DecodeStep:
         self.cos = self.sin_s = None
         if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
             return
-        n = self.max_len + self.plan.position_offset
+        n = self.max_len + self.max_offset
         with torch.no_grad():
             x = torch.zeros(1, 1, 1, dtype=self.dtype, device=self.device)
             cos, sin = self.rotary(x, torch.arange(n, device=self.device).view(1, n))
@@ -214,11 +219,11 @@ class DecodeStep:
         ar = c.rows[:n]
         pos = c.lens[:n]
         h = self.embed(c.tokens_in[:n].view(n, 1)).view(n, -1)
+        p = pos + c.pos_offset[:n] if self.max_offset else pos
         if self.cos is not None:
-            p = pos + self.plan.position_offset if self.plan.position_offset else pos
             cos, sin_s = self.cos[p].view(n, 1, D), self.sin_s[p].view(n, 1, D)
         else:
-            co, s = self.rotary(h.view(n, 1, -1), (pos + self.plan.position_offset).view(n, 1))
+            co, s = self.rotary(h.view(n, 1, -1), p.view(n, 1))
             cos, sin_s = co.view(n, 1, D), torch.cat([-s[..., :D // 2], s[..., D // 2:]], -1).view(n, 1, D)
         c.mask[ar, pos] = c.active[:n]
         mask = c.mask[:n, :S]

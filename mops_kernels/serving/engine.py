@@ -340,6 +340,15 @@ class Engine:
         h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
+    def _position_offset(self, r) -> int:
+        """The request's position shift: its set's (PEFT prefix tuning shifts by its virtual tokens);
+        none for a request that uses no slot (the plain model)."""
+        if self.sets is not None:
+            return self.sets.position_offsets[r.prompt_set] if r.prompt_set is not None else 0
+        if r.expert_index is not None and not bool((r.expert_index >= 0).any()):
+            return 0
+        return self.plan.position_offset
+
     def _check_gate(self, reqs, gated, gi, gw, E=None):
         """The gate's output enters here: slots in [0, E), weights finite and >= 0, per request."""
         E = self.plan.num_experts if E is None else E
@@ -373,7 +382,9 @@ class Engine:
                     set_gates.append((int(gate.gate_layer), gate, rows, self.sets.offsets[name],
                                       self.sets.sizes[name]))
         h = self.embed(ids)
-        pos = torch.arange(T, device=dev).expand(n, T) + plan.position_offset
+        offs = torch.tensor([self._position_offset(r) for r in reqs], dtype=torch.long, device=dev)
+        c.pos_offset[slots] = offs
+        pos = torch.arange(T, device=dev).expand(n, T) + offs.view(n, 1)
         cos, sin = self.rotary(h, pos)
         for l, layer in enumerate(self.layers):
             if l in c.iapt:

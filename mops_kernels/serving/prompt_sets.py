@@ -12,9 +12,12 @@ the pool. A bank's per-layer weight (PromptBank.prefix_weight, the trained log-w
 read once here, per set and layer, into a table the pool multiplies each slot's weight by: the
 pool serves the banks as they are when combined (frozen, as serving is).
 
-Sets must agree on what a slot means to the model: the same injected layers and the same position
-offset (PEFT prefix tuning shifts the prompt's positions; a MoPs bank does not), one dtype and device;
-otherwise ValueError names the first mismatch. Requests report their experts numbered within their set.
+Sets may inject different layers (a set's slots are empty, length 0, at the layers it does not
+inject: PEFT prefix adapters inject every layer, a MoPs bank those from its inject_from) and shift
+positions differently (PEFT prefix tuning moves the prompt by its virtual tokens, a MoPs bank does
+not): the Engine gives each request its set's position offset. They must share one dtype, device and
+(kv heads, head dim); otherwise ValueError names the mismatch. Requests report their experts numbered
+within their set.
 """
 from __future__ import annotations
 
@@ -25,41 +28,43 @@ import torch
 
 class PooledBank:
     """The banks of several prompt sets as one: `layer(l)` -> (keys, values) [E, P, Hkv, D] or None,
-    `lens` [E], and `prefix_weight` when a set's bank weights its layers."""
+    `lens` [E], `layer_lens(l)` [E] (0 for the slots of sets that do not inject layer l), and
+    `prefix_weight` when a set's bank weights its layers."""
 
     def __init__(self, banks, num_layers: int):
         self.num_layers = num_layers
         self.sizes = [int(b.lens.numel()) for b in banks]
         E = sum(self.sizes)
         offsets = [sum(self.sizes[:i]) for i in range(len(banks))]
-        self.kv = {}
-        P = 0
-        for l in range(num_layers):
-            kvs = [b.layer(l) for b in banks]
-            present = [kv is not None for kv in kvs]
-            if any(present) and not all(present):
-                have = [i for i, p in enumerate(present) if p]
-                raise ValueError(f"layer {l}: prompt sets {have} inject it and the others do not; sets served "
-                                 f"together must inject the same layers")
-            if all(present) and kvs:
-                P = max(P, max(int(k.shape[1]) for k, _ in kvs))
-                self.kv[l] = kvs
         self.lens = torch.cat([b.lens.to(torch.int32) for b in banks])
-        ref = next(iter(self.kv.values()))[0][0] if self.kv else None
-        for l, kvs in self.kv.items():
-            shapes = {tuple(k.shape[2:]) for k, _ in kvs}
+        self.kv, self._lens = {}, {}
+        per_layer = {l: [b.layer(l) for b in banks] for l in range(num_layers)}
+        per_layer = {l: kvs for l, kvs in per_layer.items() if any(kv is not None for kv in kvs)}
+        everyone = [kv for kvs in per_layer.values() for kv in kvs if kv is not None]
+        P = max((int(k.shape[1]) for k, _ in everyone), default=0)
+        if everyone:
+            ref = everyone[0][0]
+            if any(k.dtype != ref.dtype or k.device != ref.device for k, _ in everyone):
+                raise ValueError(f"the sets' prompts must share one dtype and device, got "
+                                 f"{sorted({(str(k.dtype), str(k.device)) for k, _ in everyone})}")
+            shapes = {tuple(k.shape[2:]) for k, _ in everyone}
             if len(shapes) != 1:
-                raise ValueError(f"layer {l}: the sets' prompts have different (kv heads, head dim): {sorted(shapes)}")
-            if any(k.dtype != ref.dtype or k.device != ref.device for k, _ in kvs):
-                raise ValueError(f"layer {l}: the sets' prompts must share one dtype and device, got "
-                                 f"{sorted({(str(k.dtype), str(k.device)) for k, _ in kvs})}")
-            Hkv, D = kvs[0][0].shape[2:]
+                raise ValueError(f"the sets' prompts have different (kv heads, head dim): {sorted(shapes)}")
+            Hkv, D = shapes.pop()
+        for l, kvs in per_layer.items():
             keys = torch.zeros(E, P, Hkv, D, dtype=ref.dtype, device=ref.device)
             values = torch.zeros_like(keys)
-            for o, (k, v) in zip(offsets, kvs):
+            lens = self.lens.clone()
+            for o, n, kv in zip(offsets, self.sizes, kvs):
+                if kv is None:                     # this set does not inject layer l: its slots are empty here
+                    lens[o:o + n] = 0
+                    continue
+                k, v = kv
                 keys[o:o + k.shape[0], :k.shape[1]] = k.detach()
                 values[o:o + v.shape[0], :v.shape[1]] = v.detach()
             self.kv[l] = (keys, values)
+            if not torch.equal(lens, self.lens):
+                self._lens[l] = lens
         self.prompt_len = P
         # per-(layer, slot) weight factors: each set's bank.prefix_weight at weight 1, read once
         weighted = [getattr(b, "prefix_weight", None) for b in banks]
@@ -67,11 +72,11 @@ class PooledBank:
         if any(fn is not None for fn in weighted) and self.kv:
             dev = ref.device
             self.factor = {}
-            for l in self.kv:
+            for l, kvs in per_layer.items():
                 cols = []
-                for fn, n in zip(weighted, self.sizes):
+                for fn, n, kv in zip(weighted, self.sizes, kvs):
                     f = 1.0
-                    if fn is not None:
+                    if fn is not None and kv is not None:
                         with torch.no_grad():
                             one = torch.ones(1, 1, device=dev)
                             f = float(fn(l, one, torch.zeros(1, 1, dtype=torch.long, device=dev)).reshape(-1)[0])
@@ -84,6 +89,9 @@ class PooledBank:
 
     def layer(self, l: int):
         return self.kv.get(l)
+
+    def layer_lens(self, l: int) -> torch.Tensor:
+        return self._lens.get(l, self.lens)
 
     def prefix_weight(self, layer_idx: int, weight: Optional[torch.Tensor], index: torch.Tensor):
         """[B, k] weights of a layer: the requests' weights (None = 1) times the slot's set factor."""
@@ -105,12 +113,11 @@ class PromptSets:
         for name, p in sets.items():
             if not hasattr(p, "bank") or p.bank is None:
                 raise ValueError(f"prompt set {name!r}: not a bank of prompt slots ({type(p).__name__})")
-        offs = {int(getattr(p, "position_offset", 0) or 0) for p in items}
-        if len(offs) != 1:
-            per = {n: int(getattr(p, "position_offset", 0) or 0) for n, p in sets.items()}
-            raise ValueError(f"prompt sets with different position offsets cannot share a batch: {per} "
-                             f"(PEFT prefix adapters shift the prompt's positions, MoPs banks do not)")
-        self.position_offset = offs.pop()
+        # each set's position offset (PEFT prefix tuning shifts the prompt's positions by its virtual
+        # tokens, a MoPs bank does not): the Engine applies it per request
+        self.position_offsets = {n: int(getattr(p, "position_offset", 0) or 0) for n, p in sets.items()}
+        self.position_offset = 0                       # requests of no set: the plain model's positions
+        self.max_position_offset = max(self.position_offsets.values())
         if num_layers is None:
             num_layers = max(int(getattr(p.bank, "num_layers", 0) or 0) for p in items) or \
                 max(max(getattr(p.bank, "inject_layers", [0])) + 1 for p in items)
