@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_int4_tc.py                    # 4096x4096 4-bit G=128, M = 1 and 16, cold weights
     python benchmarks/sweep_int4_tc.py --ms 1,4,16 --shape 4096x11008
+    python benchmarks/sweep_int4_tc.py --gemv                # the CUDA GEMV's K split (KS = 1, 2, 4), M = 1
 
 ops/int4_matmul.py's `_tc_blocks` picks BLOCK_N = 128, split-K for 2 programs per SM, 2 warps at
 BLOCK_M = 16 (4 above) and 3 stages. This runs the same kernel (`_int4_matmul_tc_kernel`) with every
@@ -78,6 +79,8 @@ def main():
     ap.add_argument("--warps", default="2,4")
     ap.add_argument("--stages", default="3,5")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--gemv", action="store_true",
+                    help="time the CUDA GEMV (the extension's int4_matmul_cuda) at ksplit 1, 2, 4 instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_int4_tc: needs a CUDA GPU")
@@ -92,6 +95,8 @@ def main():
     qws = copies_of(qw, n_copies)
     for q in qws:   # the kernel's layout, built before timing (never inside a graph capture)
         q.packed_for("tc", I._tc_pack)
+    if args.gemv:
+        return sweep_gemv(args, qw, qws, n_copies, peak, dev)
     bench = Bench("int4_tc_sweep", dev)
     best = {}
     for M in ints(args.ms):
@@ -125,6 +130,40 @@ def main():
         default = [r for r in rows if r[1] == dict(BLOCK_N=128, per_sm=2, warps=2 if M <= 16 else 4, stages=3)]
         if default:
             print(f"  M={M:3d} default launch: {default[0][0]:.0f} GB/s")
+
+
+def sweep_gemv(args, qw, qws, n_copies, peak, dev):
+    """The CUDA GEMV at ksplit 1, 2, 4 (warps per row group splitting K), M in --ms (<= 4), checked
+    against ksplit 1 first; rows in benchmarks/results/int4_gemv_sweep-<device>.jsonl."""
+    from mops_kernels import _backend
+    if not _backend.extension_has_cuda():
+        sys.exit("sweep_int4_tc --gemv: the extension has no CUDA kernels (build it first)")
+    gemv = _backend.extension().int4_matmul_cuda
+    N, K = qw.shape
+    bench = Bench("int4_gemv_sweep", dev)
+    print(f"\nCUDA GEMV ({N}x{K}, {args.bits}-bit G={args.group_size}; copy {peak:.0f} GB/s):")
+    for M in [m for m in (int(v) for v in args.ms.split(",")) if m <= 4]:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        want = gemv(x, qw.qweight, qw.scale, qw.min, qw.group_size, qw.bits, 1).float()
+        nbytes = qw.nbytes() + x.numel() * 2 + M * N * 2
+        for ks in (1, 2, 4):
+            got = gemv(x, qw.qweight, qw.scale, qw.min, qw.group_size, qw.bits, ks).float()
+            err = ((got - want).norm() / want.norm()).item()
+            if not err <= 1e-5:
+                print(f"  M={M} ksplit={ks}: WRONG (rel. err {err:.3g} against ksplit 1)")
+                continue
+            turn = itertools.cycle(qws)
+
+            def fn(ks=ks):
+                q = next(turn)
+                return gemv(x, q.qweight, q.scale, q.min, q.group_size, q.bits, ks)
+            row = bench.run("cuda-gemv", fn, shapes=dict(M=M, N=N, K=K, bits=args.bits, G=args.group_size,
+                                                          copies=n_copies, ksplit=ks),
+                            dtype="bf16", bytes=nbytes, reps=args.reps, copies=n_copies,
+                            note=f"device copy {peak:.0f} GB/s")
+            gbs = nbytes / (row["median_ms"] * 1e-3) / 1e9
+            print(f"  M={M} ksplit={ks}: {gbs:7.0f} GB/s = {100 * gbs / peak:5.1f}% of copy  "
+                  f"{row['median_ms'] * 1e3:8.1f} us")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef WITH_CUDA
   m.def("prefix_attention_cuda", &mops::prefix_attention_cuda,
         "gated prefix attention, decode (T = 1): split-K over S + prefix split, then a merge");
-  m.def("int4_matmul_cuda", &mops::int4_matmul_cuda, "y = x @ W^T, W block-quantized (4/8-bit), decode GEMV");
+  m.def("int4_matmul_cuda", &mops::int4_matmul_cuda, "y = x @ W^T, W block-quantized (4/8-bit), decode GEMV",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("min"), py::arg("group_size"), py::arg("bits"),
+        py::arg("ksplit") = 1);
 #endif
 }

@@ -20,9 +20,10 @@ enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // The int4 / int8 decode GEMV (int4_matmul_kernel.cuh): y [M, N] = x [M, K] @ W^T, 1 <= M <= kGemvMaxM.
 constexpr int kGemvMaxM = 4;  // = int4cuda::kMaxM (static_assert in int4_matmul_cuda.cu)
+// ksplit: warps sharing one group of rows, splitting its K (1, 2 or 4; int4_matmul_kernel.cuh's KS).
 cudaError_t int4_gemv(DType dt, int bits, const void* x, const uint8_t* qweight, const void* scale,
                       const void* mins, void* y, int M, int N, int K, int group_size, int64_t ldx,
-                      cudaStream_t stream);
+                      cudaStream_t stream, int ksplit = 1);
 
 // The prefix-attention decode kernels (prefix_attention_kernel.cuh): split pass, then merge.
 cudaError_t prefix_decode(DType dt, int D, const pacuda::DecodeArgs<void>& a, const pamath::Plan& plan,

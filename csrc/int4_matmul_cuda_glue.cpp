@@ -20,8 +20,11 @@
 namespace mops {
 
 at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                            const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits) {
+                            const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits,
+                            int64_t ksplit) {
   TORCH_CHECK(bits == 4 || bits == 8, "int4_matmul: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(ksplit == 1 || ksplit == 2 || ksplit == 4,
+              "int4_matmul_cuda: ksplit (warps splitting one row group's K) must be 1, 2 or 4, got ", ksplit);
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scale.is_cuda(),
               "int4_matmul_cuda: x, qweight and scale must be CUDA tensors");
   TORCH_CHECK(x.device() == qweight.device() && x.device() == scale.device(),
@@ -69,7 +72,7 @@ at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
                                         static_cast<const uint8_t*>(qweight.data_ptr()), scale.data_ptr(),
                                         mins.data_ptr(), y.data_ptr(), M, static_cast<int>(N),
                                         static_cast<int>(K), static_cast<int>(group_size), x.stride(0),
-                                        c10::cuda::getCurrentCUDAStream()));
+                                        c10::cuda::getCurrentCUDAStream(), static_cast<int>(ksplit)));
   return y;
 }
 

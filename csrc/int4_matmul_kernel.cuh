@@ -215,18 +215,27 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 }
 
 // y [M, N] (T), x [M, K] (T, row stride ldx), qw rows of K/2 (4-bit) or K (8-bit) bytes,
-// scale/mins [N, K/G] fp16 (mins unused for 8-bit; any valid pointer). Block (32, kWarpsPerBlock); warp w of block b
-// owns rows n0 = (b * kWarpsPerBlock + w) * R .. n0 + R - 1; lane l reads column blocks l, l + 32, ...
-template <typename T, int BITS, int M>
+// scale/mins [N, K/G] fp16 (mins unused for 8-bit; any valid pointer). Block (32, kWarpsPerBlock).
+// KS = warps that share one group of R rows, splitting its K (1, 2 or 4 = kWarpsPerBlock): a block
+// holds kWarpsPerBlock / KS row groups; warp w works on group w / KS, rows n0 .. n0 + R - 1, and its
+// lane l reads column blocks (w % KS) * 32 + l, stepping by 32 * KS. KS = 1 is the kernel measured on
+// the H200 (947-1076 GB/s at M = 1); KS > 1 puts KS times more warps (and loads in flight) on a
+// matrix, for the next GPU session to time (sweep_int4_tc.py --gemv): the per-warp partial sums meet
+// in shared memory.
+template <typename T, int BITS, int M, int KS = 1>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 int4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const __half* __restrict__ scale,
                  const __half* __restrict__ mins, T* __restrict__ y, int N, int K, int gshift, int64_t ldx) {
   // gshift = log2(G / C): column block c lies in group c >> gshift (a shift, not a division)
+  static_assert(KS == 1 || KS == 2 || KS == 4, "KS must be 1, 2 or 4");
   constexpr int C = Cols<BITS>::value;
   constexpr int R = kRowsPerWarp;
+  constexpr int kGroups = kWarpsPerBlock / KS;   // row groups per block
   const int lane = threadIdx.x;
-  const int64_t n0 = ((int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.y) * R;
-  if (n0 >= N) return;
+  const int ks = threadIdx.y % KS;
+  const int64_t n0 = ((int64_t)blockIdx.x * kGroups + threadIdx.y / KS) * R;
+  if (KS == 1 && n0 >= N) return;                // KS > 1: every warp reaches the barrier below
+  const bool active = n0 < N;
   const int nvec = K / C;                        // 16-byte vectors per weight row
   const int ng = nvec >> gshift;                 // groups per row
   const uint4* rows[R];
@@ -234,7 +243,8 @@ int4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const 
   const __half* mrow[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int64_t n = n0 + r < N ? n0 + r : N - 1;   // tail rows re-read the last row, never stored
+    int64_t n = n0 + r < N ? n0 + r : N - 1;     // tail rows re-read the last row, never stored
+    if (n < 0) n = 0;
     rows[r] = reinterpret_cast<const uint4*>(qw) + n * nvec;
     srow[r] = scale + n * ng;
     mrow[r] = mins + n * ng;
@@ -245,7 +255,8 @@ int4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const 
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
-  for (unsigned c = lane; c < (unsigned)nvec; c += 32) {
+  const unsigned first = active ? (unsigned)(ks * 32 + lane) : (unsigned)nvec;
+  for (unsigned c = first; c < (unsigned)nvec; c += 32 * KS) {
     uint32_t w[R][4];
 #pragma unroll
     for (int r = 0; r < R; ++r) {   // R independent 16-byte loads in flight
@@ -272,8 +283,32 @@ int4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qw, const 
       float v = acc[r][m];
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == 0 && n0 + r < N) y[(int64_t)m * N + n0 + r] = from_f<T>(v);
+      acc[r][m] = v;                             // every lane holds the warp's sum
     }
+  if (KS == 1) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        if (lane == 0 && n0 + r < N) y[(int64_t)m * N + n0 + r] = from_f<T>(acc[r][m]);
+    return;
+  }
+  __shared__ float part[kWarpsPerBlock][R * M];  // each warp's partial sums
+  if (lane < R * M) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        if (lane == r * M + m) part[threadIdx.y][lane] = acc[r][m];
+  }
+  __syncthreads();
+  if (ks == 0 && active && lane < R * M) {       // lane (r, m) of the group's first warp sums its KS warps
+    const int r = lane / M, m = lane % M;
+    float v = 0.f;
+#pragma unroll
+    for (int j = 0; j < KS; ++j) v += part[threadIdx.y + j][lane];
+    if (n0 + r < N) y[(int64_t)m * N + n0 + r] = from_f<T>(v);
+  }
 }
 #endif  // __CUDACC__
 

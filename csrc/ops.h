@@ -47,7 +47,8 @@ at::Tensor prefix_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const c10::optional<at::Tensor>& prefix_lens,
                                  const c10::optional<at::Tensor>& attention_mask, bool causal, double scale);
 at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                            const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits);
+                            const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits,
+                            int64_t ksplit = 1);
 #endif
 
 }  // namespace mops

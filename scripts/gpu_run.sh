@@ -22,6 +22,8 @@
 #                 through the dispatcher (which prefers the CUDA kernels once they are built)
 #   spec6         benchmarks/spec6.py: every SPEC §6 figure and its closing table
 #   e2e           benchmarks/bench_e2e.py --batches 32,8,1: B=32 first, each batch size on its own
+#   sweeps        benchmarks/sweep_int4_tc.py: the CUDA GEMV's K split (--gemv, M = 1..4) on 4096x4096 and
+#                 4096x11008, and the Triton tensor-core launches on 4096x11008 (rows for the next choices)
 # After EVERY stage the logs, the benchmark rows and summary.txt are packed into $OUT/gpu.tgz (and
 # $OUT/summary.txt beside it), so a stage that times out loses nothing before it; the built extension
 # goes to $OUT as well (carry it back as .gpu_so/ to skip the build on a later call).
@@ -30,7 +32,7 @@ set -u
 cd "$(dirname "$0")/.."
 export DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-ALL="env build tests_triton tests_cuda spec6 e2e"
+ALL="env build tests_triton tests_cuda spec6 e2e sweeps"
 STAGES=${*:-$ALL}
 want() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
 BUDGET=${BUDGET_S:-540}
@@ -181,6 +183,13 @@ else
 fi
 if want spec6; then TAILN=80 stage spec6 240 "${SPEC6[@]}"; fi
 if want e2e; then stage e2e 240 "${E2E[@]}"; fi
+sweeps_stage() {
+  if [ "$DRY" = 1 ]; then python3 benchmarks/sweep_int4_tc.py --help > /dev/null && echo "dry run: sweeps parse"; return; fi
+  python3 benchmarks/sweep_int4_tc.py --gemv --ms 1,4 || return 1
+  python3 benchmarks/sweep_int4_tc.py --gemv --ms 1 --shape 4096x11008 || return 1
+  python3 benchmarks/sweep_int4_tc.py --shape 4096x11008 --ms 1,16
+}
+if want sweeps; then TAILN=40 stage sweeps 180 sweeps_stage; fi
 
 note "gpu_run done in $((SECONDS - T0))s: $([ $FAILED = 0 ] && echo 'every stage passed' || echo 'SOME STAGE FAILED')"
 pack

@@ -2,10 +2,11 @@
 // tests/test_int4_matmul.py: g++ compiles the same code the kernel runs, so the bit tricks and the
 // per-group sum are checked without a GPU.
 //   int4_gemv_host codes            -> every byte value at every byte position of a word, decoded
-//   int4_gemv_host gemv DIR M N K G BITS
+//   int4_gemv_host gemv DIR M N K G BITS [KS]
 //       reads DIR/x.f32 [M, K], DIR/q.u8 (the packed rows), DIR/s.f32 and DIR/mn.f32 [N, K/G]
-//       (the fp16 values as fp32), runs the kernel's loop lane by lane (32 lanes, R rows per warp,
-//       column blocks lane, lane + 32, ...) and writes DIR/y.f32 [M, N].
+//       (the fp16 values as fp32), runs the kernel's loop lane by lane (KS warps of 32 lanes per group
+//       of R rows, warp j's lane l on column blocks j * 32 + l, stepping by 32 * KS; each warp's
+//       butterfly, then the KS partial sums in warp order) and writes DIR/y.f32 [M, N].
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -28,7 +29,7 @@ static std::vector<char> slurp(const std::string& path) {
 }
 
 template <int BITS, int M>
-static void gemv(const std::string& dir, int N, int K, int G) {
+static void gemv(const std::string& dir, int N, int K, int G, int KS) {
   constexpr int C = Cols<BITS>::value;
   constexpr int R = kRowsPerWarp;
   const std::vector<char> xb = slurp(dir + "/x.f32"), qb = slurp(dir + "/q.u8"), sb = slurp(dir + "/s.f32"),
@@ -40,9 +41,11 @@ static void gemv(const std::string& dir, int N, int K, int G) {
   const int nvec = K / C, ng = K / G, row_bytes = BITS == 4 ? K / 2 : K;
   std::vector<float> y((size_t)M * N, 0.f);
   for (int n0 = 0; n0 < N; n0 += R) {
+   float part[4][R][M] = {};
+   for (int ks = 0; ks < KS; ++ks) {
     float lanes[32][R][M] = {};
     for (int lane = 0; lane < 32; ++lane) {
-      for (int c = lane; c < nvec; c += 32) {
+      for (int c = ks * 32 + lane; c < nvec; c += 32 * KS) {
         uint32_t w[R][4];
         float s[R], mn[R], xf[M][C];
         for (int r = 0; r < R; ++r) {
@@ -63,7 +66,14 @@ static void gemv(const std::string& dir, int N, int K, int G) {
         for (int l = 0; l < 32; ++l) v[l] = lanes[l][r][m];
         for (int off = 16; off > 0; off >>= 1)       // the warp's butterfly, in its order
           for (int l = 0; l < off; ++l) v[l] += v[l + off];
-        y[(size_t)m * N + n0 + r] = v[0];
+        part[ks][r][m] = v[0];
+      }
+   }
+    for (int r = 0; r < R && n0 + r < N; ++r)
+      for (int m = 0; m < M; ++m) {
+        float v = 0.f;                                 // the first warp sums the KS partials in order
+        for (int ks = 0; ks < KS; ++ks) v += part[ks][r][m];
+        y[(size_t)m * N + n0 + r] = KS == 1 ? part[0][r][m] : v;
       }
   }
   FILE* f = std::fopen((dir + "/y.f32").c_str(), "wb");
@@ -72,12 +82,12 @@ static void gemv(const std::string& dir, int N, int K, int G) {
 }
 
 template <int BITS>
-static void gemv_m(const std::string& dir, int M, int N, int K, int G) {
+static void gemv_m(const std::string& dir, int M, int N, int K, int G, int KS) {
   switch (M) {
-    case 1: gemv<BITS, 1>(dir, N, K, G); break;
-    case 2: gemv<BITS, 2>(dir, N, K, G); break;
-    case 3: gemv<BITS, 3>(dir, N, K, G); break;
-    case 4: gemv<BITS, 4>(dir, N, K, G); break;
+    case 1: gemv<BITS, 1>(dir, N, K, G, KS); break;
+    case 2: gemv<BITS, 2>(dir, N, K, G, KS); break;
+    case 3: gemv<BITS, 3>(dir, N, K, G, KS); break;
+    case 4: gemv<BITS, 4>(dir, N, K, G, KS); break;
     default: std::fprintf(stderr, "M must be 1..%d\n", kMaxM); std::exit(2);
   }
 }
@@ -97,12 +107,14 @@ int main(int argc, char** argv) {
       }
     return 0;
   }
-  if (argc == 8 && !std::strcmp(argv[1], "gemv")) {
+  if ((argc == 8 || argc == 9) && !std::strcmp(argv[1], "gemv")) {
     const int M = std::atoi(argv[3]), N = std::atoi(argv[4]), K = std::atoi(argv[5]), G = std::atoi(argv[6]);
-    if (std::atoi(argv[7]) == 4) gemv_m<4>(argv[2], M, N, K, G);
-    else gemv_m<8>(argv[2], M, N, K, G);
+    const int KS = argc == 9 ? std::atoi(argv[8]) : 1;
+    if (KS != 1 && KS != 2 && KS != 4) { std::fprintf(stderr, "KS must be 1, 2 or 4\n"); return 2; }
+    if (std::atoi(argv[7]) == 4) gemv_m<4>(argv[2], M, N, K, G, KS);
+    else gemv_m<8>(argv[2], M, N, K, G, KS);
     return 0;
   }
-  std::fprintf(stderr, "usage: %s codes | gemv DIR M N K G BITS\n", argv[0]);
+  std::fprintf(stderr, "usage: %s codes | gemv DIR M N K G BITS [KS]\n", argv[0]);
   return 2;
 }

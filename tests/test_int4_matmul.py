@@ -220,8 +220,14 @@ def test_forward_cuda(force_backend, backend, bits, G, K, M, dtype, _tol):
                 gemv(x, qw.qweight, qw.scale, qw.min, G, bits)
             return
         _check_close(gemv(x, qw.qweight, qw.scale, qw.min, G, bits), x, qw, dtype)
-        return
-    _check_close(int4_matmul(x, qw, bias), x, qw, dtype, bias)
+    else:
+        _check_close(int4_matmul(x, qw, bias), x, qw, dtype, bias)
+    if backend == "cuda" and M <= 4:    # the K-split launches (KS warps per row group), called directly
+        gemv = _backend.extension().int4_matmul_cuda
+        for ks in (2, 4):
+            _check_close(gemv(x, qw.qweight, qw.scale, qw.min, G, bits, ks), x, qw, dtype)
+        with pytest.raises(RuntimeError, match="ksplit"):
+            gemv(x, qw.qweight, qw.scale, qw.min, G, bits, 3)
 
 
 @requires_cuda
@@ -364,10 +370,12 @@ def test_gemv_dequant_every_code(gemv_host):
 @requires_gxx
 @pytest.mark.parametrize("bits,G,groups", [(4, 32, 37), (4, 64, 9), (4, 128, 5), (8, 32, 37)])
 @pytest.mark.parametrize("M", [1, 2, 3, 4])
-def test_gemv_host_matches_reference(gemv_host, tmp_path, bits, G, groups, M):
-    """The kernel's whole loop (lanes, 4 rows per warp, Sx trick, butterfly) in fp32 against the
-    fp64 product: fp32 level (SPEC §6: <= 1e-4), odd N (a partial last warp) and odd K / G;
-    scales, mins and x random with a common offset (Sx and the min term do not cancel out)."""
+@pytest.mark.parametrize("KS", [1, 4])
+def test_gemv_host_matches_reference(gemv_host, tmp_path, bits, G, groups, M, KS):
+    """The kernel's whole loop (lanes, 4 rows per warp, Sx trick, butterfly; KS warps splitting a row
+    group's K, their partials summed in order) in fp32 against the fp64 product: fp32 level (SPEC §6:
+    <= 1e-4), odd N (a partial last warp) and odd K / G; scales, mins and x random with a common
+    offset (Sx and the min term do not cancel out)."""
     torch.manual_seed(M * 100 + G + bits)
     N, K = 37, G * groups
     w = torch.randn(N, K) * 0.05 + 0.02 * torch.randn(N, 1)
@@ -377,7 +385,7 @@ def test_gemv_host_matches_reference(gemv_host, tmp_path, bits, G, groups, M):
     qw.qweight.numpy().tofile(tmp_path / "q.u8")
     qw.scale.float().numpy().tofile(tmp_path / "s.f32")
     (qw.min if qw.min is not None else qw.scale).float().numpy().tofile(tmp_path / "mn.f32")
-    subprocess.run([str(gemv_host), "gemv", str(tmp_path), str(M), str(N), str(K), str(G), str(bits)],
+    subprocess.run([str(gemv_host), "gemv", str(tmp_path), str(M), str(N), str(K), str(G), str(bits), str(KS)],
                    check=True, timeout=120)
     y = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).view(M, N)
     ref = x.double() @ qw.dequantize(torch.float64).t()

@@ -334,8 +334,15 @@ def _backward_cpu(dy: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
                                                          qw.group_size, qw.bits)
 
 
+# Warps that split one row group's K in the CUDA GEMV (1, 2 or 4; csrc/int4_matmul_kernel.cuh's KS).
+# 1 is the launch timed on the H200; 2 and 4 put more loads in flight and await a GPU timing
+# (benchmarks/sweep_int4_tc.py --gemv) before they are chosen.
+_CUDA_GEMV_KSPLIT = 1
+
+
 def _forward_cuda(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
-    return _backend.extension().int4_matmul_cuda(x2, qw.qweight, qw.scale, qw.min, qw.group_size, qw.bits)
+    return _backend.extension().int4_matmul_cuda(x2, qw.qweight, qw.scale, qw.min, qw.group_size, qw.bits,
+                                                 _CUDA_GEMV_KSPLIT)
 
 
 def _forward_torch(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
