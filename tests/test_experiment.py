@@ -156,6 +156,20 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[-1] > 0.1 and f[19] < 0.2
 
 
+def test_iapt_generator_trains_at_its_own_lr(model):
+    """IAPT's generator matrices get lr x iapt_lr_scale, its rational coefficients rational_lr, its
+    layer log-weights layer_weight_lr; a bank's prompt tensors the probe's lr itself."""
+    from mops_kernels.training.trainer import param_groups
+    cfg = _cfg(iapt_lr_scale=0.1, rational_lr=1e-4, layer_weight_lr=0.05)
+    tc = ex.train_config(cfg, 0.03, 0)
+    groups = {g["name"]: g for g in param_groups(ex.build_arm(model, "iapt", cfg, None, 0), tc)}
+    assert groups["generator"]["lr"] == pytest.approx(0.003)
+    assert groups["rational"]["lr"] == pytest.approx(1e-4) and groups["layer_weight"]["lr"] == pytest.approx(0.05)
+    assert "prompt" not in groups and groups["generator"]["params"]
+    bank_groups = {g["name"]: g["lr"] for g in param_groups(ex.build_arm(model, "single_kP", cfg, None, 0), tc)}
+    assert bank_groups["prompt"] == pytest.approx(0.03) and "generator" not in bank_groups
+
+
 def test_bootstrap_and_verdict():
     rows = [dict(label=i % 2, nll=float(1 + (i % 5)), tokens=2, exact=0) for i in range(40)]
     same = ex.paired_bootstrap(rows, rows, 100)

@@ -54,7 +54,7 @@ SERVER_SETTINGS = {
     "gate-hidden": 64, "iapt-bottleneck": 16, "max-len": 128, "max-train": 0, "separator": "\nAnswer:",
     "local-steps": 5, "rounds": 4, "batch-size": 4, "lr": 1e-2, "seed": 0, "warmup-frac": 0.1,
     "min-lr-ratio": 0.1, "clip-norm": 1.0, "layer-log-weight": -6.0, "layer-weight-lr": 0.05,
-    "rational-lr": 1e-4,
+    "rational-lr": 1e-4, "iapt-lr-scale": 0.1,
 }
 # What each client decides for itself: its node config, else the environment (simulation).
 CLIENT_LOCAL = {"data": "", "backbone": "", "backbone-config": "", "threads": 1}
@@ -109,7 +109,7 @@ def experiment_config(c: dict):
                             warmup_frac=float(c["warmup-frac"]), min_lr_ratio=float(c["min-lr-ratio"]),
                             clip_norm=float(c["clip-norm"]), layer_log_weight=float(c["layer-log-weight"]),
                             layer_weight_lr=float(c["layer-weight-lr"]), rational_lr=float(c["rational-lr"]),
-                            checkpoint_every=0)
+                            iapt_lr_scale=float(c["iapt-lr-scale"]), checkpoint_every=0)
 
 
 def client_local(node_config, environ=None) -> dict:

@@ -68,6 +68,7 @@ class TrainConfig:
     clip_norm: Optional[float] = None
     layer_weight_lr: Optional[float] = None
     rational_lr: Optional[float] = None
+    generator_lr: Optional[float] = None   # IAPT's generator matrices (default: lr)
 
     def lr_factor(self, step: int) -> float:
         """The multiplier of every group's base lr at (0-based) step `step`."""
@@ -88,8 +89,9 @@ RESUME_FREE = ("progress", "checkpoint_every")
 
 def param_groups(prompts, config: TrainConfig) -> List[dict]:
     """AdamW groups: prompt tensors (lr), gate (gate_lr), per-layer prefix log-weights
-    (layer_weight_lr), IAPT rational coefficients a/b (rational_lr, kept fp32); empty groups dropped."""
-    named = {"prompt": [], "gate": [], "layer_weight": [], "rational": []}
+    (layer_weight_lr), IAPT rational coefficients a/b (rational_lr, kept fp32), IAPT's other generator
+    weights (generator_lr); empty groups dropped."""
+    named = {"prompt": [], "gate": [], "layer_weight": [], "rational": [], "generator": []}
     for n, p in prompts.named_parameters():
         leaf = n.rsplit(".", 1)[-1]
         if n.startswith("gate."):
@@ -100,12 +102,14 @@ def param_groups(prompts, config: TrainConfig) -> List[dict]:
             if p.dtype != torch.float32:
                 raise ValueError(f"the rational coefficients {n} must be float32, got {p.dtype}")
             named["rational"].append(p)
+        elif isinstance(prompts, InstructionPromptGenerator):
+            named["generator"].append(p)
         else:
             named["prompt"].append(p)
     def own(v):
         return config.lr if v is None else v
     lrs = {"prompt": config.lr, "gate": own(config.gate_lr), "layer_weight": own(config.layer_weight_lr),
-           "rational": own(config.rational_lr)}
+           "rational": own(config.rational_lr), "generator": own(config.generator_lr)}
     return [{"params": ps, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, ps in named.items() if ps]
 
 
