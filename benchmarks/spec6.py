@@ -316,6 +316,17 @@ class Spec6:
             base = self.run("decode gather+sdpa", lambda: PA._torch_forward(
                 *sets[next(it) % n], pk, pv, idx, w, None, am, True, scale), shapes=shp, bytes=by, flops=fl,
                 copies=n)
+            # each decode kernel forced (the dispatcher's order, DECODE_ORDER_CUDA, awaits these rows)
+            for b in self.backends:
+                try:
+                    with forced(f"prefix_attention:{b}"):
+                        r_b = self.run(f"decode [{b}]", lambda: PA.prefix_attention(
+                            *sets[next(it) % n], pk, pv, idx, w, attention_mask=am, causal=True), shapes=shp,
+                            bytes=by, flops=fl, copies=n)
+                    self.table.add(f"prefix decode B={B} S={S} [{b}] GB/s", r_b["gbps"], "measured", True,
+                                   self.hbm(r_b["gbps"])[1])
+                except Exception as e:      # a backend that cannot run this case: say so, go on
+                    print(f"decode [{b}] not timed: {type(e).__name__}: {e}", flush=True)
         pct, note = self.hbm(ours["gbps"])
         self.table.add(f"prefix decode B={B} S={S}: % of HBM (copy)", pct, ">= 80%", pct is not None and pct >= 80,
                        note)
