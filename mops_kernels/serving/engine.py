@@ -6,9 +6,15 @@
     eng.submit(ids3, do_sample=True, temperature=0.7, top_k=50, top_p=0.9, seed=1234, stop=["\\n\\n"])
     for req, token in eng.stream(): ... # or eng.run_until_done()
 
+Several prompt sets at once (MoPs banks, PEFT prefix adapters): `Engine(model, PromptSets({...}))`
+and `submit(ids, prompt_set=name)` (prompt_sets.py): each set's gate picks among its own slots, named
+slots are numbered within the set, each request runs at its set's position offset (PEFT's shift), and
+a request that uses no slot runs the plain model.
+
 The parts (this package): scheduler.py (requests, slots, admission), sampling.py (transformers'
 warpers and StopStringCriteria), decode.py (the static slot cache and the lean decode step),
-graphs.py (CUDA graphs of that step), and this file, which joins them:
+graphs.py (CUDA graphs of that step), prompt_sets.py (several prompt sets as one pool of slots), and
+this file, which joins them:
 
 - Prefill: the requests admitted at a step run together (right-padded, causal + padding mask)
   straight into their slot rows through the model's own modules (input_layernorm, q/k/v/o_proj, the
