@@ -197,12 +197,38 @@ def registered(op: str) -> Dict[str, Impl]:
 
 def dispatch(op: str, device: torch.device, *case) -> Impl:
     """The Impl that runs this call of `op`: `pick` over the registered backends whose
-    `supports(*case)` holds."""
+    `supports(*case)` holds.
+
+    Fast path (every decode-step call goes through here): the backends that can run on this device
+    at all, in pick's order (only the forced one under MOPS_BACKEND), are memoised with the picks;
+    the first whose `supports` holds is the answer pick would give, so only those `supports` run.
+    A call none of them takes, or a pick not yet announced, goes the slow way (its errors, its log)."""
+    env = os.environ
+    key = ("order", op, device.type, env.get("MOPS_BACKEND", ""), env.get("TRITON_INTERPRET", "0"))
+    order = _picked.get(key)
+    if order is None:
+        order = _picked[key] = _candidates(op, device)
+    for impl in order:
+        if impl.supports is None or impl.supports(*case):
+            if (op, impl.backend) in _announced:
+                return impl
+            break
     impls = _REGISTRY.get(op)
     if not impls:
         raise BackendUnavailable(f"no backend is registered for {op!r}")
     ok = tuple(b for b, i in impls.items() if i.supports is None or i.supports(*case))
     return impls[pick(op, device, ok)]
+
+
+def _candidates(op: str, device: torch.device) -> tuple:
+    """The Impls of `op` that can run on `device` (whatever the case), in the order `_pick` tries them."""
+    impls = _REGISTRY.get(op, {})
+    every = tuple(impls)
+    f = forced(op)
+    if f is not None:
+        return (impls[f],) if f in impls and why_not(f, device, every) is None else ()
+    order = BACKENDS if device.type == "cuda" else ("cpu", "torch")
+    return tuple(impls[b] for b in order if b in impls and why_not(b, device, every) is None)
 
 
 _picked = {}

@@ -266,3 +266,24 @@ def test_forced_cpu_names_the_op_and_the_per_op_form(clean_picks):
     assert torch.isfinite(out).all() and seen
     clean_picks.setenv("MOPS_BACKEND", "cpu,gate_topk:torch,prefix_attention:torch")
     assert torch.equal(model(input_ids=ids).logits, out)
+
+
+def test_dispatch_fast_path_answers_as_pick(clean_picks):
+    """The memoised candidate order gives pick's answer: the first backend whose `supports` holds,
+    the next one when it does not (float64 x: the compiled kernels take fp32/16/bf16 only), the forced
+    one, and pick's error when the forced one cannot take the case."""
+    from mops_kernels.ops import int4_matmul as IM
+    from mops_kernels.ops.quant_format import quantize
+    qw = quantize(torch.randn(64, 64) * 0.02, bits=4, group_size=32)
+    x32, x64 = torch.randn(1, 64), torch.randn(1, 64, dtype=torch.float64)
+    want = "cpu" if _backend.has_extension() else "torch"
+    for _ in range(2):                                   # the first call fills the memo, the second reads it
+        assert _backend.dispatch("int4_matmul", x32.device, x32, qw).backend == want
+        assert _backend.dispatch("int4_matmul", x64.device, x64, qw).backend == "torch"
+    clean_picks.setenv("MOPS_BACKEND", "int4_matmul:torch")
+    assert _backend.dispatch("int4_matmul", x32.device, x32, qw).backend == "torch"
+    if _backend.has_extension():
+        clean_picks.setenv("MOPS_BACKEND", "int4_matmul:cpu")
+        for _ in range(2):
+            with pytest.raises(_backend.BackendUnavailable, match="int4_matmul"):
+                IM.int4_matmul(x64, qw)
