@@ -508,6 +508,8 @@ def test_prompt_sets_refuse_what_they_cannot_serve():
     plain = Engine(model, a, max_batch=2, max_len=64)
     with pytest.raises(ValueError, match="serves one prompt set"):
         plain.submit([1, 2], prompt_set="a")
+    with pytest.raises(ValueError, match="served by the Engine"):     # attach would ignore sets' offsets
+        attach(model, sets)
 
 
 def test_prompt_sets_mix_layers_and_position_offsets():

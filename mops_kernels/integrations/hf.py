@@ -315,6 +315,9 @@ def attach(model, prompts=None, *, quantize=False):
     """Patch `model` (an HF causal LM) in place to run our prefix attention with `prompts`."""
     if getattr(model, "_mops_attached", None) is not None:
         raise ValueError("attach: the model already has mops attached; detach(model) first")
+    if hasattr(prompts, "position_offsets"):        # serving.prompt_sets.PromptSets
+        raise ValueError("attach: several prompt sets (PromptSets) are served by the Engine, which runs each "
+                         "set's gate and position offset; attach one set (a MixtureOfPrompts) instead")
     plan = Plan(prompts, getattr(model.config, "num_hidden_layers", 0))
     layers = validate(model, plan)                  # raises before anything changes
     if quantize:

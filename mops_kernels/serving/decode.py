@@ -135,6 +135,8 @@ class SlotCache:
         self.weight = torch.zeros(B, experts_per_request, dtype=torch.float32, device=dev)
         self.tokens_in = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos_offset = torch.zeros(B, dtype=torch.long, device=dev)   # per-row position shift (PEFT)
+        # a pooled bank (serving.prompt_sets) has per-layer lengths; resolved once, not per layer per step
+        self._layer_lens = getattr(plan.bank, "layer_lens", None) if plan.bank is not None else None
         self.rows = torch.arange(B, device=dev)
         self.rows_i32 = self.rows.to(torch.int32).view(B, 1)
         self.iapt = {}                                   # layer -> (k, v) pools [max_batch, 4, Hkv, D]
@@ -169,7 +171,7 @@ class SlotCache:
             kv = plan.bank.layer(l)
             if kv is not None:
                 idx = self.index[rows]
-                lens = plan.bank.layer_lens(l) if hasattr(plan.bank, "layer_lens") else plan.bank.lens
+                lens = plan.bank.lens if self._layer_lens is None else self._layer_lens(l)
                 return kv[0], kv[1], idx, plan.bank_weight(l, self.weight[rows], idx), lens
         return None, None, None, None, None
 

@@ -218,6 +218,7 @@ class Engine:
         req = Request(self._next_id, ids, expert_index, expert_weight, max_new_tokens, on_token, sampler,
                       stops, logprobs, prompt_logprobs)
         req.prompt_set = prompt_set
+        req.position_offset = self._position_offset(prompt_set, expert_index)
         self.sched.enqueue(req)
         self._next_id += 1
         return req
@@ -346,19 +347,18 @@ class Engine:
         h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _position_offset(self, r) -> int:
-        """The request's position shift: its set's (PEFT prefix tuning shifts by its virtual tokens);
-        none for a request that uses no slot (the plain model)."""
+    def _position_offset(self, prompt_set, expert_index) -> int:
+        """A request's position shift, decided at submit: its set's (PEFT prefix tuning shifts by its
+        virtual tokens); none for a request that uses no slot (the plain model)."""
         if self.sets is not None:
-            return self.sets.position_offsets[r.prompt_set] if r.prompt_set is not None else 0
-        if r.expert_index is not None and not bool((r.expert_index >= 0).any()):
+            return self.sets.position_offsets[prompt_set] if prompt_set is not None else 0
+        if expert_index is not None and not bool((expert_index >= 0).any()):
             return 0
         return self.plan.position_offset
 
-    def _check_gate(self, reqs, gated, gi, gw, E=None):
-        """The gate's output enters here: slots in [0, E), weights finite and >= 0, per request."""
-        E = self.plan.num_experts if E is None else E
-        for i in gated:
+    def _check_gate(self, reqs, gi, gw, E):
+        """The gate's output (row i: reqs[i]) enters here: slots in [0, E), weights finite and >= 0."""
+        for i in range(len(reqs)):
             idx, w = gi[i].tolist(), gw[i].float().tolist()
             if any(not 0 <= j < E for j in idx) or any(not (x >= 0 and x < float("inf")) for x in w):
                 raise ValueError(f"request {reqs[i].id}: the gate chose slots {idx} with weights {w}; "
@@ -379,16 +379,16 @@ class Engine:
                 k = r.expert_index.shape[1]
                 c.index[r.slot, :k] = r.expert_index[0].to(torch.int32)
                 c.weight[r.slot, :k] = 1.0 if r.expert_weight is None else r.expert_weight[0]
-        gated = [i for i, r in enumerate(reqs) if r.expert_index is None and plan.gate is not None]
-        set_gates = []                      # (layer, gate, rows, slot offset, slots in the set) per set
+        # (gate layer, gate, rows it picks for, slot offset, slots it picks among): the one gate of the
+        # prompts, or each PromptSets member's on its own requests
+        gates = [(plan.gate, [i for i, r in enumerate(reqs) if r.expert_index is None], 0, plan.num_experts)] \
+            if plan.gate is not None else []
         if self.sets is not None:
-            for name, gate in self.sets.gates.items():
-                rows = [i for i, r in enumerate(reqs) if r.expert_index is None and r.prompt_set == name]
-                if rows:
-                    set_gates.append((int(gate.gate_layer), gate, rows, self.sets.offsets[name],
-                                      self.sets.sizes[name]))
+            gates = [(g, [i for i, r in enumerate(reqs) if r.expert_index is None and r.prompt_set == name],
+                      self.sets.offsets[name], self.sets.sizes[name]) for name, g in self.sets.gates.items()]
+        gates = [(int(g.gate_layer), g, rows, off, size) for g, rows, off, size in gates if rows]
         h = self.embed(ids)
-        offs = torch.tensor([self._position_offset(r) for r in reqs], dtype=torch.long, device=dev)
+        offs = torch.tensor([r.position_offset for r in reqs], dtype=torch.long, device=dev)
         c.pos_offset[slots] = offs
         pos = torch.arange(T, device=dev).expand(n, T) + offs.view(n, 1)
         cos, sin = self.rotary(h, pos)
@@ -402,18 +402,14 @@ class Engine:
             o = run_prefix_attention(q, k, v, pk, pv, idx, w, lens=lens, mask=pad, causal=True,
                                      scale=layer.self_attn.scaling)
             h = self._finish_layer(layer, h, o)
-            if gated and l == int(plan.gate.gate_layer):
-                gi, gw = plan.gate(h, pad)
-                self._check_gate(reqs, gated, gi, gw)
-                g = slots[gated]
-                c.index[g, :gi.shape[1]] = gi[gated].to(torch.int32)
-                c.weight[g, :gi.shape[1]] = gw[gated].float()
-            for gl, gate, rows, off, size in set_gates:
+            for gl, gate, rows, off, size in gates:
                 if l == gl:
-                    sel = torch.tensor(rows, device=dev)
-                    gi, gw = gate(h[sel], pad[sel])
-                    self._check_gate([reqs[i] for i in rows], range(len(rows)), gi, gw, size)
-                    g = slots[sel]
+                    if len(rows) == n:                    # every request: no gather
+                        gi, gw, g = *gate(h, pad), slots
+                    else:
+                        sel = torch.tensor(rows, device=dev)
+                        gi, gw, g = *gate(h[sel], pad[sel]), slots[sel]
+                    self._check_gate([reqs[i] for i in rows], gi, gw, size)
                     c.index[g, :gi.shape[1]] = gi.to(torch.int32) + off
                     c.weight[g, :gi.shape[1]] = gw.float()
         c.mask[slots] = 0

@@ -118,9 +118,12 @@ class PromptSets:
         self.position_offsets = {n: int(getattr(p, "position_offset", 0) or 0) for n, p in sets.items()}
         self.position_offset = 0                       # requests of no set: the plain model's positions
         self.max_position_offset = max(self.position_offsets.values())
-        if num_layers is None:
-            num_layers = max(int(getattr(p.bank, "num_layers", 0) or 0) for p in items) or \
-                max(max(getattr(p.bank, "inject_layers", [0])) + 1 for p in items)
+        if num_layers is None:                      # PromptBank (and from_peft's) know their model's
+            try:
+                num_layers = max(int(p.bank.num_layers) for p in items)
+            except AttributeError:
+                raise ValueError("PromptSets: a bank does not say how many layers its model has; pass "
+                                 "num_layers=model.config.num_hidden_layers") from None
         self.bank = PooledBank([p.bank for p in items], num_layers)
         self.gate = None                       # each set's own gate: `gates`, run by the Engine
         self.inject_from = min(int(getattr(p, "inject_from", 0)) for p in items)

@@ -36,6 +36,7 @@ class Request:
         self.id, self.ids, self.max_new_tokens, self.on_token = rid, ids, max_new_tokens, on_token
         self.expert_index, self.expert_weight = expert_index, expert_weight
         self.prompt_set = None          # the PromptSets member it uses (Engine.submit(prompt_set=))
+        self.position_offset = 0        # its position shift (PEFT prefix tuning), set by Engine.submit
         self.sampler, self.stop = sampler, stop
         self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.tokens: List[int] = []
