@@ -25,31 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Bench, rotation  # noqa: E402
 from bench_int4_matmul import copies_of  # noqa: E402
 
-import triton  # noqa: E402
 from mops_kernels.ops import int4_matmul as I  # noqa: E402
 from mops_kernels.ops.quant_format import quantize  # noqa: E402
 
 
 def launch(x2, qw, bn, per_sm, warps, stages):
-    """The kernel's forward (as ops/int4_matmul._forward_triton) with the launch choices given."""
-    M, K = x2.shape
-    N, G = qw.out_features, qw.group_size
-    qt, st, mt = qw.packed_for("tc", I._tc_pack)
-    bm = min(64, max(16, I._next_pow2(M)))
-    steps = triton.cdiv(K, 128 if qw.bits == 4 else 64)
-    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-    split = max(1, min(steps, triton.cdiv(per_sm * sms, tiles)))
-    per = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per)
-    atomic = split > 1
-    y = I._tc_output(M, N, atomic, x2)
-    grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
-    I._int4_matmul_tc_kernel[grid](x2, qt, st, mt, y, M, N, K, x2.stride(0), per, G=G, BITS=qw.bits,
-                                   DOT_DTYPE=I._dot_dtype(x2.dtype, x2.device), BLOCK_M=bm, BLOCK_N=bn,
-                                   EVEN_K=K % (128 if qw.bits == 4 else 64) == 0, ATOMIC=atomic,
-                                   num_warps=warps, num_stages=stages)
-    return y.to(x2.dtype) if atomic else y
+    """The op's Triton forward (ops/int4_matmul._forward_triton) with the launch choices given."""
+    return I._forward_triton(x2, qw, block_n=bn, per_sm=per_sm, warps=warps, stages=stages)
 
 
 def copy_gbs(dev) -> float:

@@ -214,7 +214,8 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _tc_blocks(M: int, N: int, K: int, bits: int, device: torch.device):
+def _tc_blocks(M: int, N: int, K: int, bits: int, device: torch.device, block_n: Optional[int] = None,
+               per_sm: Optional[int] = None, warps: Optional[int] = None, stages: int = 3):
     """(BLOCK_M, BLOCK_N, SPLIT_K, steps per split, num_warps, num_stages) of the tensor-core kernel.
 
     BLOCK_M (the mma's n, since W is the left operand): the smallest of 16, 32, 64 >= M.
@@ -228,9 +229,11 @@ def _tc_blocks(M: int, N: int, K: int, bits: int, device: torch.device):
     BLOCK_M >= 32: BLOCK_N = 128 rows, 4 warps, split-K for 2 programs per SM (not swept).
     E.g. 4096 x 4096 4-bit, M <= 16: 64 N tiles x 32 steps of 128 columns -> 8 splits of 4.
     num_stages = 3: the loads of the next two steps are in flight (cp.async) during a step's math.
-    The interpreter takes 2 splits whenever it can (the atomic reduction is tested on the CPU)."""
+    The interpreter takes 2 splits whenever it can (the atomic reduction is tested on the CPU).
+    block_n / per_sm / warps / stages override the choice (benchmarks/sweep_int4_tc.py)."""
     block_m = min(64, max(16, _next_pow2(M)))
-    block_n, per_sm = (64, 4) if block_m == 16 else (128, 2)
+    bn0, ps0 = (64, 4) if block_m == 16 else (128, 2)
+    block_n, per_sm, warps = block_n or bn0, per_sm or ps0, warps or 4
     steps = triton.cdiv(K, 128 if bits == 4 else 64)
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     if device.type == "cuda":
@@ -239,7 +242,7 @@ def _tc_blocks(M: int, N: int, K: int, bits: int, device: torch.device):
     else:
         split = min(2, steps)
     per = triton.cdiv(steps, split)
-    return block_m, block_n, triton.cdiv(steps, per), per, 4, 3
+    return block_m, block_n, triton.cdiv(steps, per), per, warps, stages
 
 
 def _gemm_blocks(device: torch.device):
@@ -260,11 +263,12 @@ def _weight_args(qw: QuantizedWeight):
     return qw.qweight, qw.scale, mn, qw.qweight.stride(0), qw.scale.stride(0)
 
 
-def _forward_triton(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+def _forward_triton(x2: torch.Tensor, qw: QuantizedWeight, **launch) -> torch.Tensor:
+    """launch: _tc_blocks' overrides (block_n, per_sm, warps, stages), for launch sweeps."""
     M, K = x2.shape
     N, G = qw.out_features, qw.group_size
     qt, st, mt = qw.packed_for("tc", _tc_pack)
-    bm, bn, split, per, warps, stages = _tc_blocks(M, N, K, qw.bits, x2.device)
+    bm, bn, split, per, warps, stages = _tc_blocks(M, N, K, qw.bits, x2.device, **launch)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     atomic = split > 1
