@@ -4,17 +4,7 @@
 // rows of x; ops/int4_matmul.py sends larger M (and, on a GPU, M >= 2) to the Triton tensor-core
 // kernel. Compiled only in a CUDA build (WITH_CUDA).
 #ifdef WITH_CUDA
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-// CPU-only torch wheels (the compile check) lack this generated header; on Linux it only sets
-// C10_CUDA_BUILD_SHARED_LIBS, which matters on Windows. CUDA builds of torch have it.
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
-
-#include "cuda_launch.h"
+#include "cuda_glue.h"
 #include "ops.h"
 
 namespace mops {
@@ -57,13 +47,7 @@ at::Tensor int4_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, cons
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && (x.stride(0) * esize) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
               "int4_matmul_cuda: x and qweight must be 16-byte aligned (rows too)");
-  cuda_launch::DType dt;
-  switch (x.scalar_type()) {
-    case at::kFloat: dt = cuda_launch::DType::kFloat32; break;
-    case at::kHalf: dt = cuda_launch::DType::kFloat16; break;
-    case at::kBFloat16: dt = cuda_launch::DType::kBFloat16; break;
-    default: TORCH_CHECK(false, "int4_matmul_cuda: x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  }
+  const cuda_launch::DType dt = launch_dtype(x, "int4_matmul_cuda: x");
   const at::cuda::CUDAGuard guard(x.device());
   const int M = static_cast<int>(x.size(0));
   at::Tensor y = at::empty({M, N}, x.options());

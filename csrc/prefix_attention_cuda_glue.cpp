@@ -7,17 +7,7 @@
 // reads a value back, so the call is CUDA-graph capturable. The kernels are launched by
 // prefix_attention_cuda.cu. Compiled only in a CUDA build (WITH_CUDA).
 #ifdef WITH_CUDA
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-// CPU-only torch wheels (the compile check) lack this generated header; on Linux it only sets
-// C10_CUDA_BUILD_SHARED_LIBS (Windows). CUDA builds of torch have it.
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
-
-#include "cuda_launch.h"
+#include "cuda_glue.h"
 #include "ops.h"
 #include "prefix_attention_args.h"
 
@@ -37,14 +27,7 @@ at::Tensor prefix_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
       attention_mask, at::kCUDA, /*check_values=*/false);
   const int64_t B = in.B, Hq = in.Hq, S = in.S, D = in.D;
   TORCH_CHECK(D == 64 || D == 128, "prefix_attention_cuda: head dim D must be 64 or 128, got ", D);
-  cuda_launch::DType dt;
-  switch (in.q.scalar_type()) {
-    case at::kFloat: dt = cuda_launch::DType::kFloat32; break;
-    case at::kHalf: dt = cuda_launch::DType::kFloat16; break;
-    case at::kBFloat16: dt = cuda_launch::DType::kBFloat16; break;
-    default:  // the kernel's 16-byte vectors have no fp64 form
-      TORCH_CHECK(false, "prefix_attention_cuda: q must be float32, float16 or bfloat16, got ", in.q.scalar_type());
-  }
+  const cuda_launch::DType dt = launch_dtype(in.q, "prefix_attention_cuda: q");
   TORCH_CHECK(in.kk <= pamath::kMaxSlots, "prefix_attention_cuda: prefix_index may select at most ",
               pamath::kMaxSlots, " slots per request (kk), got ", in.kk);
   const c10::cuda::CUDAGuard guard(in.q.device());
