@@ -33,7 +33,7 @@ coefficients (fp32) at cfg.rational_lr; the prompt lr is chosen once per run by 
 single_kP arm (cfg.lr_grid, cfg.probe_steps each, lowest validation loss) and used for every arm.
 IAPT's generator is a network (down/up projections), not a table of prompt vectors: its matrices
 train at lr x cfg.iapt_lr_scale (0.1). Measured on the --small data, seed 0, 50 steps (2026-11-26):
-at the probe's lr 0.03 the IAPT arm diverged (validation NLL 6.79 -> 16.9 at step 50, 17.2 at 150),
+at the probe's lr 0.03 the IAPT arm diverged (validation-curve NLL 6.79 -> 16.9 at step 50, 17.4 at 150),
 at 0.003 it trained (6.79 -> 4.47 at step 50).
 
 Gate: pretrained outside the step budget as a routing head on cached pooled gate-layer features of
