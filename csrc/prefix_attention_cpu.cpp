@@ -1,4 +1,5 @@
-// prefix_attention CPU glue (decode, T = 1): argument checks, dtype dispatch, threads over B*Hkv.
+// prefix_attention CPU glue (decode, T = 1): argument checks, dtype / ISA dispatch, threads over
+// B*Hkv (only when there is enough work to share: a decode step's batch-1 call is a few us).
 //   prefix_attention_cpu(q [B,Hq,1,D], k, v [B,Hkv,S,D], prefix_k, prefix_v [E,P,Hkv,D] | None,
 //                        prefix_index [B,kk] | None, prefix_weight [B,kk] fp32 | None,
 //                        prefix_lens [E] | None, attention_mask [B,S] | None, causal, scale)
@@ -9,11 +10,41 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#define MOPS_PA_ISA base
+#include "cpu_isa.h"
 #include "ops.h"
 #include "prefix_attention_args.h"
 #include "prefix_attention_cpu_kernel.h"
 
 namespace mops {
+namespace pacpu {
+// prefix_attention_cpu_avx2.cpp (x86 only: never called elsewhere, cpu_isa says base there)
+void decode_range_avx2(const DecodeArgs<float>& a, int64_t lo, int64_t hi, const Scratch& sc);
+}  // namespace pacpu
+
+namespace {
+// Multiply-adds (scores + values) below which the (b, kv head) items of one call run on the calling
+// thread: handing work to OpenMP's threads costs more than a few us of it.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+// The avx2 copy takes fp32 only (other dtypes: false, the caller runs the base copy).
+template <typename T>
+bool run_avx2(const pacpu::DecodeArgs<T>&, int64_t, int64_t, const pacpu::Scratch&) { return false; }
+template <>
+bool run_avx2<float>(const pacpu::DecodeArgs<float>& a, int64_t lo, int64_t hi, const pacpu::Scratch& sc) {
+#if defined(__x86_64__) || defined(__i386__)
+  pacpu::decode_range_avx2(a, lo, hi, sc);
+  return true;
+#else
+  (void)a; (void)lo; (void)hi; (void)sc;
+  return false;
+#endif
+}
+}  // namespace
 
 at::Tensor prefix_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 const c10::optional<at::Tensor>& prefix_k,
@@ -34,10 +65,21 @@ at::Tensor prefix_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     pacpu::DecodeArgs<scalar_t> a{};
     paargs::fill_common_args(a, in, out, scale);
     a.G = Hq / Hkv; a.D = D;
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
-      pacpu::Scratch<scalar_t> sc;
-      for (int64_t i = lo; i < hi; ++i) pacpu::decode_one(a, i / Hkv, i % Hkv, sc);
-    });
+    const bool avx2 = std::is_same<scalar_t, float>::value && isa::avx2_compiled() &&
+                                       isa::active() == isa::kAvx2;
+    const int64_t mk = pacpu::max_keys(a);
+    const int64_t item = std::max<int64_t>(1, 2 * a.G * mk * D);  // multiply-adds of one (b, kv head)
+    const int64_t grain = std::max<int64_t>(1, kMinParallelWork / item);
+    auto run = [&](int64_t lo, int64_t hi) {
+      std::vector<float> f(pacpu::scratch_floats(a));
+      std::vector<const void*> rows(2 * mk);
+      const pacpu::Scratch sc{f.data(), f.data() + a.G * D, f.data() + a.G * D + a.G * mk,
+                              f.data() + 2 * a.G * D + a.G * mk, rows.data(), rows.data() + mk};
+      if (avx2 && run_avx2(a, lo, hi, sc)) return;
+      for (int64_t i = lo; i < hi; ++i) pacpu::base::decode_one(a, i / Hkv, i % Hkv, sc);
+    };
+    if (B * Hkv <= grain) run(0, B * Hkv);  // one chunk: no parallel region
+    else at::parallel_for(0, B * Hkv, grain, run);
   });
   return out;
 }

@@ -678,3 +678,28 @@ def test_cpu_no_prefix_decode_runs_the_cpp_kernel_and_prefill_sdpa(monkeypatch):
                                  attention_mask=am)
         assert rel_err(out, ref) <= 1e-4, T
     assert calls == [37]          # only the prefill went to SDPA
+
+
+@pytest.mark.skipif(not _backend.ext_has("prefix_attention_cpu"), reason="needs the C++ extension")
+@pytest.mark.parametrize("D", [16, 20, 64, 72, 128])
+def test_cpu_decode_both_isa_copies(D, monkeypatch):
+    """The C++ decode kernel's baseline copy and its AVX2 copy (8-key score blocks, vectorised exp,
+    64-column value blocks, scalar tails for D % 8 and key counts % 8) both equal the reference:
+    odd key counts, D not a multiple of 8, logits spread wide enough that many probabilities
+    underflow, and a batch large enough to run on several threads."""
+    ext = _backend.extension()
+    monkeypatch.setenv("MOPS_BACKEND", "prefix_attention:cpu")
+    cases = [make(2, 2, 3, 1, 37, D, 4, 7, 3), make(11, 3, 3, 1, 111, D, 5, 16, 2)]
+    q, *rest = make(1, 1, 3, 1, 13, D, 3, 5, 2)
+    cases.append((q * 30, *rest))                # sharp softmax: most keys' p underflow to 0
+    isas = ["base"] + (["avx2"] if ext.cpu_isa("auto") == "avx2" else [])
+    try:
+        for isa in isas:
+            assert ext.cpu_isa(isa) == isa
+            for args in cases:
+                out = prefix_attention(*args[:7], prefix_lens=args[7], attention_mask=args[8])
+                ref = _ref(*args)
+                assert not torch.isnan(out).any()
+                assert rel_err(out, ref) <= 1e-4, (isa, D, args[0].shape, rel_err(out, ref))
+    finally:
+        ext.cpu_isa("auto")
