@@ -2,7 +2,8 @@
 //   int4_matmul_cpu(x [M, K], qweight, scale, min, group_size, bits) -> y [M, N] in x's dtype
 //   int4_matmul_backward_cpu(dy [M, N], qweight, scale, min, group_size, bits) -> dx [M, K]
 // Kernels: int4_matmul_cpu_kernel.h. M <= 16 runs the fused GEMV kernels (each decoded chunk is
-// reused for all M rows); larger M dequantizes tiles of rows to fp32 and calls at::mm per tile.
+// reused for all M rows), and so does 4-bit M <= 64 in passes over each chunk (max_gemv_m); larger
+// M dequantizes tiles of rows to fp32 and calls at::mm per tile.
 // The GEMV kernels exist twice: the baseline copy here (namespace int4cpu::base) and the AVX2 one
 // (int4_matmul_cpu_avx2.cpp); each call takes the one cpu_isa.h says this CPU runs.
 #include <ATen/Parallel.h>
@@ -46,6 +47,23 @@ void q8_chunk_avx2(const float* xp, const int8_t* q, const uint16_t* s, float* y
 namespace {
 
 using int4cpu::base::kMaxGemvM;
+
+// Rows of x up to which the GEMV kernels run (M > kMaxGemvM: in passes of rows_per_pass rows over
+// each chunk of weight rows, which stays in L1/L2 meanwhile); above, dequantized tiles + at::mm
+// (the tiles write and re-read the whole weight in fp32). Passes win while they are few: 4-bit
+// weights, at most 8 passes (K = 576: M <= 64; K = 1536: M <= 32); the 8-bit kernel loses to the
+// tiles beyond 16 rows. `python3 benchmarks/bench_int4_matmul.py --ms 32,64` times both
+// (ours/cpu-kernel, ours/cpu-kernel-tiles). MOPS_INT4_CPU_GEMV_MAX_M (read per call) lowers the
+// bound: benchmarks and tests of the tile path.
+constexpr int64_t kMaxPassedM = 64;
+constexpr int64_t kMaxPasses = 8;
+int64_t rows_per_pass(int64_t K);
+int64_t max_gemv_m(int64_t K, int64_t bits) {
+  int64_t bound = bits == 4 ? std::min<int64_t>(kMaxPassedM, kMaxPasses * rows_per_pass(K)) : kMaxGemvM;
+  const char* env = std::getenv("MOPS_INT4_CPU_GEMV_MAX_M");
+  if (env != nullptr && env[0] != '\0') bound = std::min<int64_t>(bound, std::max<long>(0, std::strtol(env, nullptr, 10)));
+  return std::max<int64_t>(bound, 0);
+}
 
 // GEMV calls with fewer multiply-adds (M * N * K) than this run on the calling thread alone: below
 // it a helper's share is shorter than what it costs to hand it over.
@@ -332,7 +350,7 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   const uint16_t* mn = bits == 4 ? half_ptr(*min) : nullptr;
   if (M == 0) return at::empty({0, N}, x.options());
 
-  if (M <= kMaxGemvM) {
+  if (M <= max_gemv_m(K, bits)) {
     // x in the kernels' order (+ per-group sums) in a per-thread scratch buffer: two tensor
     // allocations per call cost ~1 us, a tenth of a small decode GEMV.
     const int64_t Mpad = (M + 3) / 4 * 4;  // the 4-bit kernel runs rows of x in tiles of 4

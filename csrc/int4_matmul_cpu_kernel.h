@@ -17,7 +17,7 @@
 // M = 1 (decode): 4 weight rows per step, two FMA chains per row (even / odd positions), so 8
 // independent chains hide the FMA latency and each x load serves 4 rows; the group scale is applied
 // once per 64-column chunk to the partial dot product. M = 2..16: each decoded chunk is reused for
-// all M rows of x (tiles of 4 rows) before the next one is read.
+// all M rows of x (tiles of 4 rows, passes of <= 16 rows) before the next one is read.
 //
 // Instruction sets: this header is compiled twice, into namespace MOPS_INT4_ISA. int4_matmul_cpu.cpp
 // includes it as `base` (scalar code, any CPU: the build's baseline ISA); int4_matmul_cpu_avx2.cpp as
@@ -464,8 +464,8 @@ inline void dequant_rows(const uint8_t* qw, const uint16_t* scale, const uint16_
   }
 }
 
-// One thread's share of a GEMV call (M <= kMaxGemvM): output rows [b, e) of y [M, N], rows of x
-// in passes of `pass` (xp / xsum zero-padded to a multiple of 4 rows).
+// One thread's share of a GEMV call (M <= the glue's max_gemv_m, at most 64): output rows [b, e) of y [M, N],
+// rows of x in passes of `pass` (<= kMaxGemvM) (xp / xsum zero-padded to a multiple of 4 rows).
 inline void q4_chunk(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s,
                      const uint16_t* mn, float* y, int64_t M, int64_t N, int64_t K, int64_t G,
                      int64_t pass, int64_t b, int64_t e, int64_t K128) {

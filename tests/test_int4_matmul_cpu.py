@@ -37,6 +37,25 @@ def test_both_layouts_match_fp64(monkeypatch, G, K, N, M):
     torch.testing.assert_close(outs["0"], outs["1"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("bits,G,K,N", [(4, 32, 576, 195), (4, 64, 1536, 37), (8, 32, 576, 33)])
+@pytest.mark.parametrize("M", [17, 33, 64])
+def test_gemv_passes_and_dequantized_tiles_agree(monkeypatch, bits, G, K, N, M):
+    """4-bit 17 <= M <= 64 runs the GEMV kernels in passes over each chunk of weight rows (at most
+    8 passes: K = 1536 stops at M = 32); MOPS_INT4_CPU_GEMV_MAX_M=16 sends the same call to the
+    dequantized tiles + BLAS (what larger M, and 8-bit M > 16, run). Both equal the fp64 product,
+    and each other within fp32 rounding."""
+    qw = quantize(torch.randn(N, K) * 0.05, bits=bits, group_size=G)
+    x = torch.randn(M, K)
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    outs = {}
+    for bound in ("64", "16"):
+        monkeypatch.setenv("MOPS_INT4_CPU_GEMV_MAX_M", bound)
+        outs[bound] = _kernel(x, qw)
+        assert outs[bound].shape == (M, N) and not torch.isnan(outs[bound]).any()
+        assert rel_err(outs[bound], ref) <= 1e-5, (bound, rel_err(outs[bound], ref))
+    torch.testing.assert_close(outs["64"], outs["16"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
@@ -66,7 +85,7 @@ def _rms(x, w, eps):
 
 
 @pytest.mark.parametrize("bits,G,K,N", [(4, 32, 576, 195), (4, 64, 1536, 7), (8, 32, 576, 33)])
-@pytest.mark.parametrize("M", [1, 3, 17])          # M = 17: the dequantized-tiles path
+@pytest.mark.parametrize("M", [1, 3, 17, 65])      # 17: GEMV passes, 65: the dequantized-tiles path
 def test_pre_rmsnorm_and_silu_mul_equal_the_separate_ops(bits, G, K, N, M):
     """int4_matmul_cpu_pre (the decode step's norm / SiLU * up inside the matmul call) gives what the
     aten ops followed by the kernel give, within fp32 rounding."""
