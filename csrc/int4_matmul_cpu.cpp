@@ -9,21 +9,13 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <chrono>
-#include <condition_variable>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
-
-#include <unistd.h>
 
 #define MOPS_INT4_ISA base
 #include "cpu_isa.h"
+#include "cpu_pool.h"
 #include "int4_matmul_cpu_kernel.h"
 #include "ops.h"
 
@@ -64,10 +56,6 @@ int64_t max_gemv_m(int64_t K, int64_t bits) {
   if (env != nullptr && env[0] != '\0') bound = std::min<int64_t>(bound, std::max<long>(0, std::strtol(env, nullptr, 10)));
   return std::max<int64_t>(bound, 0);
 }
-
-// GEMV calls with fewer multiply-adds (M * N * K) than this run on the calling thread alone: below
-// it a helper's share is shorter than what it costs to hand it over.
-constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
 // Output rows per chunk handed to a thread: ~32k weights (a few us), a multiple of 4 (the M = 1
 // kernel's step), so a thread preempted inside a chunk holds up the caller for little.
@@ -126,186 +114,10 @@ int64_t rows_per_pass(int64_t K) {
   return std::min<int64_t>(kMaxGemvM, std::max<int64_t>(4, rows));
 }
 
-// Helper threads for the GEMV kernels. A decode step makes hundreds of calls of 10-100 us each, so
-// what matters is how fast a helper joins: at::launch (the inter-op pool) wakes a sleeping thread
-// through a condition variable (several us, often more than the helper's share of the work), and
-// at::parallel_for's barrier waits for every worker, which on a loaded machine costs a scheduler
-// slice when a worker has no free core (measured by the previous version: batch-1 1536x576 took
-// 12 ms instead of 0.1 ms under load 5). So: own helpers that spin (with pause) for kSpinUs after
-// their last job and then sleep; the caller publishes a job, takes chunks from a shared counter
-// itself, and waits only for chunks a helper has claimed, never for a helper that has not started.
-// On a machine whose cores are all taken by other processes (load average), and for a while after
-// a helper was preempted inside a chunk, the caller runs alone.
-// MOPS_INT4_CPU_HELPERS=0 never uses helpers, =1 always does (tests, benchmarks), unset: as above.
-// Helpers are detached and the pool is never destroyed (no joins at exit); a forked child never
-// publishes jobs (it has no helpers) and runs every chunk itself.
-constexpr int64_t kSpinUs = 300;
-constexpr int64_t kSlowWaitUs = 30;  // a chunk is a few us of work: a longer wait is a preempted helper
-
-struct Job {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n = 0, grain = 1, chunks = 0;
-  std::function<void(int64_t, int64_t)> f;  // called only for a claimed chunk, while the caller waits
-
-  void work() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      f(c * grain, std::min(n, (c + 1) * grain));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-class HelperPool {
- public:
-  static HelperPool& get() {
-    static HelperPool* pool = new HelperPool();  // never destroyed: helpers may outlive main()
-    return *pool;
-  }
-
-  // Runs f over [0, n) in chunks of `grain` with up to `threads` threads (the caller included).
-  template <typename F>
-  void run(int64_t n, int64_t grain, int threads, const F& f) {
-    auto job = std::make_shared<Job>();
-    job->n = n;
-    job->grain = grain;
-    job->chunks = (n + grain - 1) / grain;
-    job->f = [&f](int64_t b, int64_t e) { f(b, e); };
-    int helpers = (int)std::min<int64_t>(threads, job->chunks) - 1;
-    const char* mode = std::getenv("MOPS_INT4_CPU_HELPERS");  // "0": never, "1": always, else auto
-    const bool forced = mode && mode[0] == '1';
-    if (mode && mode[0] == '0') helpers = 0;
-    if (helpers > 0 && !forced && skip_.load(std::memory_order_relaxed) > 0) {  // backing off
-      skip_.fetch_sub(1, std::memory_order_relaxed);
-      helpers = 0;
-    }
-    if (helpers > 0 && !forced && machine_busy(threads)) helpers = 0;
-    // a forked child has none of the parent's threads (and maybe a mutex the parent's helper held)
-    if (helpers > 0 && owner_pid_.load(std::memory_order_relaxed) > 0 &&
-        owner_pid_.load(std::memory_order_relaxed) != getpid())
-      helpers = 0;
-    if (helpers > 0) {
-      start(helpers);
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        job_ = job;
-        want_ = helpers;
-        gen_.fetch_add(1, std::memory_order_release);
-      }
-      if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
-    }
-    job->work();
-    if (job->done.load(std::memory_order_acquire) < job->chunks) {
-      // A helper still holds a chunk. If it was preempted (no free core: a loaded machine), this
-      // wait is a scheduler slice, not a chunk's few us: then run the next 2, 4, ... 1024 calls
-      // alone (their helpers fall asleep meanwhile), and go back to helpers on fast waits.
-      const auto t0 = std::chrono::steady_clock::now();
-      while (job->done.load(std::memory_order_acquire) < job->chunks) cpu_relax();
-      if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(kSlowWaitUs)) {
-        const int lv = std::min(level_.load(std::memory_order_relaxed) + 1, 10);
-        level_.store(lv, std::memory_order_relaxed);
-        skip_.store(1 << lv, std::memory_order_relaxed);
-      } else if (level_.load(std::memory_order_relaxed) > 0) {
-        level_.fetch_sub(1, std::memory_order_relaxed);
-      }
-    }
-    if (helpers > 0) {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (job_ == job) job_.reset();  // late helpers find no job (or an exhausted one)
-    }
-  }
-
- private:
-  static void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
-
-  // True when the 1-minute load average says other processes keep every core busy (load >=
-  // threads + 1: our caller and spinning helpers count for `threads`): a helper would then mostly
-  // wait for a core, and its spinning would take time from the caller. Read every 100 ms.
-  bool machine_busy(int threads) {
-    const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                            std::chrono::steady_clock::now().time_since_epoch()).count();
-    if (now - load_checked_ms_.load(std::memory_order_relaxed) >= 100) {
-      load_checked_ms_.store(now, std::memory_order_relaxed);
-      double load = 0.0;
-      busy_.store(getloadavg(&load, 1) == 1 && load >= threads + 1.0, std::memory_order_relaxed);
-    }
-    return busy_.load(std::memory_order_relaxed);
-  }
-
-  void start(int helpers) {
-    std::lock_guard<std::mutex> lk(start_mu_);
-    owner_pid_.store(getpid(), std::memory_order_relaxed);
-    while (started_ < helpers) {
-      std::thread([this] { loop(); }).detach();
-      ++started_;
-    }
-  }
-
-  void loop() {
-    uint64_t seen = gen_.load(std::memory_order_acquire);
-    for (;;) {
-      // spin for kSpinUs, then sleep until the next job
-      auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; gen_.load(std::memory_order_acquire) == seen; ++i) {
-        cpu_relax();
-        if ((i & 255) == 255 &&
-            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(kSpinUs)) {
-          std::unique_lock<std::mutex> lk(mu_);
-          sleepers_.fetch_add(1, std::memory_order_acq_rel);
-          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
-          sleepers_.fetch_sub(1, std::memory_order_acq_rel);
-          break;
-        }
-      }
-      std::shared_ptr<Job> job;
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        seen = gen_.load(std::memory_order_acquire);
-        if (want_ > 0) {  // the job asked for this many helpers
-          --want_;
-          job = job_;
-        }
-      }
-      if (job) job->work();
-    }
-  }
-
-  std::mutex mu_, start_mu_;
-  std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> sleepers_{0};
-  std::shared_ptr<Job> job_;
-  std::atomic<int> skip_{0}, level_{0};  // calls left to run alone, and the back-off level
-  std::atomic<int64_t> load_checked_ms_{-1000};
-  std::atomic<bool> busy_{false};
-  std::atomic<pid_t> owner_pid_{0};  // the process whose helpers these are
-  int want_ = 0;
-  int started_ = 0;
-};
-
-// f(b, e) over [0, n) in chunks of `grain` on the caller plus helpers (up to at::get_num_threads()
-// in all; serial inside another parallel region or when `work` is too small to share).
-// f must not throw (the raw kernels do not) and must write disjoint outputs per chunk.
-template <typename F>
-void parallel_chunks(int64_t n, int64_t grain, int64_t work, const F& f) {
-  const int threads = at::get_num_threads();
-  if (threads <= 1 || n <= grain || work < kMinParallelWork || at::in_parallel_region()) {
-    f(0, n);
-    return;
-  }
-  HelperPool::get().run(n, grain, threads, f);
-}
-
 void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s, const uint16_t* mn,
              float* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t K128, int level) {
   const int64_t pass = rows_per_pass(K);
-  parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
+  cpupool::parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
 #if defined(__x86_64__) || defined(__i386__)
     if (level == 2) return int4cpu::q4_chunk_avx512(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
     if (level == 1) return int4cpu::q4_chunk_avx2(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
@@ -322,7 +134,7 @@ void gemv_q8(const float* xp, const int8_t* q, const uint16_t* s, float* y, int6
 #else
   const bool avx2 = false;
 #endif
-  parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
+  cpupool::parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
 #if defined(__x86_64__) || defined(__i386__)
     if (avx2) return int4cpu::q8_chunk_avx2(xp, q, s, y, M, N, K, G, pass, b, e);
 #endif

@@ -242,35 +242,53 @@ inline void decode128(__m512i v, int k, __m512& w0, __m512& w1) {
 }
 #endif
 
+// Software prefetch distance of the M = 1 kernels, in bytes of the weight codes ahead of the ones
+// being read (the scales and mins follow at the same distance in rows). A decode step reads each
+// matrix once, from DRAM: one core keeps too few lines in flight for the DRAM latency on its own,
+// and the hardware prefetcher restarts at every thread's chunk of rows. The distance runs past the
+// chunk, into the rows another thread (or this one) takes next: prefetches never fault, and the
+// addresses stay inside the matrix.
+#ifndef MOPS_INT4_PREFETCH_BYTES
+#define MOPS_INT4_PREFETCH_BYTES 4096
+#endif
+constexpr int64_t kPrefetchBytes = MOPS_INT4_PREFETCH_BYTES;
+
 // M = 1: rows n in [n0, n1) of y [N], ROWS weight rows per step (independent FMA chains sharing the
 // x loads; two chains per row, even / odd nibble positions, so 2 * ROWS chains hide the FMA latency).
 // Columns [0, K128) in 128-column chunks (AVX-512), then 64-column chunks (AVX2), then the tail.
+// N (all rows of the matrix) bounds the prefetches.
 template <int ROWS>
 void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint16_t* scale,
               const uint16_t* mins, float* y, int64_t K, int64_t G, int64_t n0, int64_t n1,
-              int64_t K128 = 0) {
+              int64_t K128 = 0, int64_t N = 0) {
   const int64_t ng = K / G;
   const int64_t K64 = K - K % 64;
   const GroupOf gof(G);
 #ifdef MOPS_INT4_AVX512
   const WideScale wscale(K128 ? G : 32);
 #endif
+  if (N < n1) N = n1;
   for (int64_t n = n0; n + ROWS <= n1; n += ROWS) {
     float tail[ROWS][1];
     q4_tail<ROWS, 1>(xp, xsum, qw, scale, mins, K, G, n, 1, tail);
 #ifdef MOPS_INT4_AVX2
-    // The next step's rows, one cache line per row every 128 columns: with long rows (K = 1536)
-    // the hardware prefetcher does not keep up with ROWS interleaved streams from DRAM.
-    const bool pf = n + 2 * ROWS <= n1;
-    auto prefetch = [&](int64_t c) {
-      if (pf && (c & 64) == 0)
-        for (int r = 0; r < ROWS; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(qw + (n + ROWS + r) * (K / 2) + c / 2), _MM_HINT_T0);
-      if (pf && c / 2 < 2 * ng && (c & 64) == 0)  // and their scales and mins (2 * ng bytes per row)
-        for (int r = 0; r < ROWS; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(scale + (n + ROWS + r) * ng) + c / 2, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(mins + (n + ROWS + r) * ng) + c / 2, _MM_HINT_T0);
-        }
+    // Per 64 columns, the code lines kPrefetchBytes ahead of the ROWS x 32 bytes this step reads
+    // there (the rows' codes are contiguous), and at the step's start the scale and min lines of
+    // the rows that far ahead.
+    const int64_t code_end = N * (K / 2) - 64;
+    const int64_t pf_row = n + kPrefetchBytes / (K / 2);
+    if (pf_row < N) {
+      const int64_t last = (pf_row + ROWS < N ? pf_row + ROWS : N) * ng * 2 - 1;  // bytes of scale/min
+      for (int64_t o = pf_row * ng * 2; o <= last + 63; o += 64) {
+        const int64_t b = o < last ? o : last;
+        _mm_prefetch(reinterpret_cast<const char*>(scale) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(mins) + b, _MM_HINT_T0);
+      }
+    }
+    auto prefetch = [&](int64_t c) {  // c: the chunk's first column
+      int64_t o = n * (K / 2) + kPrefetchBytes + (c / 64) * ROWS * 32;
+      for (int i = 0; i < (ROWS * 32 + 63) / 64; ++i, o += 64)
+        if (o <= code_end) _mm_prefetch(reinterpret_cast<const char*>(qw) + o, _MM_HINT_T0);
     };
     float wide[ROWS];
     for (int r = 0; r < ROWS; ++r) wide[r] = 0.f;
@@ -280,6 +298,7 @@ void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint1
       for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t c = 0; c < K128; c += 128) {
         prefetch(c);
+        prefetch(c + 64);
         __m512 d0[ROWS], d1[ROWS];
         for (int k = 0; k < 4; ++k) {
           const __m512 x0 = _mm512_loadu_ps(xp + c + 32 * k), x1 = _mm512_loadu_ps(xp + c + 32 * k + 16);
@@ -472,8 +491,8 @@ inline void q4_chunk(const float* xp, const float* xsum, const uint8_t* q, const
   const int64_t ng = K / G;
   if (M == 1) {
     const int64_t mid = b + (e - b) / 4 * 4;  // 4 rows per step, then the rest one by one
-    q4_gemv1<4>(xp, xsum, q, s, mn, y, K, G, b, mid, K128);
-    q4_gemv1<1>(xp, xsum, q, s, mn, y, K, G, mid, e, K128);
+    q4_gemv1<4>(xp, xsum, q, s, mn, y, K, G, b, mid, K128, N);
+    q4_gemv1<1>(xp, xsum, q, s, mn, y, K, G, mid, e, K128, N);
     return;
   }
   for (int64_t m0 = 0; m0 < M; m0 += pass)

@@ -1,5 +1,6 @@
 // prefix_attention CPU glue (decode, T = 1): argument checks, dtype / ISA dispatch, threads over
-// B*Hkv (only when there is enough work to share: a decode step's batch-1 call is a few us).
+// B*Hkv on the int4 kernels' helper pool (cpu_pool.h: no OpenMP region between two GEMVs of a
+// decode step), only when there is enough work to share (a batch-1 call is a few us).
 //   prefix_attention_cpu(q [B,Hq,1,D], k, v [B,Hkv,S,D], prefix_k, prefix_v [E,P,Hkv,D] | None,
 //                        prefix_index [B,kk] | None, prefix_weight [B,kk] fp32 | None,
 //                        prefix_lens [E] | None, attention_mask [B,S] | None, causal, scale)
@@ -7,7 +8,6 @@
 // The Python dispatcher has already validated values (index range, w >= 0, lens <= P); this layer
 // re-checks shapes, dtypes, devices and the index / lens ranges (prefix_attention_args.h) so a
 // direct call cannot read out of bounds.
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -16,6 +16,7 @@
 
 #define MOPS_PA_ISA base
 #include "cpu_isa.h"
+#include "cpu_pool.h"
 #include "ops.h"
 #include "prefix_attention_args.h"
 #include "prefix_attention_cpu_kernel.h"
@@ -27,9 +28,6 @@ void decode_range_avx2(const DecodeArgs<float>& a, int64_t lo, int64_t hi, const
 }  // namespace pacpu
 
 namespace {
-// Multiply-adds (scores + values) below which the (b, kv head) items of one call run on the calling
-// thread: handing work to OpenMP's threads costs more than a few us of it.
-constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
 // The avx2 copy takes fp32 only (other dtypes: false, the caller runs the base copy).
 template <typename T>
@@ -65,21 +63,21 @@ at::Tensor prefix_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     pacpu::DecodeArgs<scalar_t> a{};
     paargs::fill_common_args(a, in, out, scale);
     a.G = Hq / Hkv; a.D = D;
-    const bool avx2 = std::is_same<scalar_t, float>::value && isa::avx2_compiled() &&
-                                       isa::active() == isa::kAvx2;
+    const bool avx2 = std::is_same<scalar_t, float>::value && isa::avx2_compiled() && isa::active() == isa::kAvx2;
     const int64_t mk = pacpu::max_keys(a);
     const int64_t item = std::max<int64_t>(1, 2 * a.G * mk * D);  // multiply-adds of one (b, kv head)
-    const int64_t grain = std::max<int64_t>(1, kMinParallelWork / item);
+    const int64_t grain = std::max<int64_t>(1, cpupool::kMinParallelWork / item);
     auto run = [&](int64_t lo, int64_t hi) {
-      std::vector<float> f(pacpu::scratch_floats(a));
-      std::vector<const void*> rows(2 * mk);
+      thread_local std::vector<float> f;
+      thread_local std::vector<const void*> rows;
+      f.resize(pacpu::scratch_floats(a));
+      rows.resize(2 * mk);
       const pacpu::Scratch sc{f.data(), f.data() + a.G * D, f.data() + a.G * D + a.G * mk,
                               f.data() + 2 * a.G * D + a.G * mk, rows.data(), rows.data() + mk};
       if (avx2 && run_avx2(a, lo, hi, sc)) return;
       for (int64_t i = lo; i < hi; ++i) pacpu::base::decode_one(a, i / Hkv, i % Hkv, sc);
     };
-    if (B * Hkv <= grain) run(0, B * Hkv);  // one chunk: no parallel region
-    else at::parallel_for(0, B * Hkv, grain, run);
+    cpupool::parallel_chunks(B * Hkv, grain, B * Hkv * item, run);
   });
   return out;
 }

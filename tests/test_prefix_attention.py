@@ -697,9 +697,13 @@ def test_cpu_decode_both_isa_copies(D, monkeypatch):
         for isa in isas:
             assert ext.cpu_isa(isa) == isa
             for args in cases:
-                out = prefix_attention(*args[:7], prefix_lens=args[7], attention_mask=args[8])
+                outs = []
+                for helpers in ("1", "0"):   # the CPU kernels' helper pool forced on / off
+                    monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", helpers)
+                    outs.append(prefix_attention(*args[:7], prefix_lens=args[7], attention_mask=args[8]))
                 ref = _ref(*args)
-                assert not torch.isnan(out).any()
-                assert rel_err(out, ref) <= 1e-4, (isa, D, args[0].shape, rel_err(out, ref))
+                assert not torch.isnan(outs[0]).any()
+                assert rel_err(outs[0], ref) <= 1e-4, (isa, D, args[0].shape, rel_err(outs[0], ref))
+                assert torch.equal(outs[0], outs[1])     # each (b, kv head) is one thread's work
     finally:
         ext.cpu_isa("auto")

@@ -1,0 +1,23 @@
+// The CPU kernels' helper threads (int4_matmul's GEMV, prefix_attention's decode): one pool per
+// process, so the calls of a decode step never wake a second set of threads (OpenMP's) that would
+// compete with spinning helpers for the same cores. Raw C++ plus ATen's thread count.
+//
+//   parallel_chunks(n, grain, work, f)   f(b, e) over [0, n) in chunks of `grain`, on the caller
+//       plus helpers (up to at::get_num_threads() threads in all); serial inside another parallel
+//       region, with one thread, or when `work` (multiply-adds) is below kMinParallelWork.
+//       f must not throw and must write disjoint outputs per chunk.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace mops {
+namespace cpupool {
+
+// Calls with fewer multiply-adds than this run on the calling thread alone: below it a helper's
+// share is shorter than what it costs to hand it over.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+void parallel_chunks(int64_t n, int64_t grain, int64_t work, const std::function<void(int64_t, int64_t)>& f);
+
+}  // namespace cpupool
+}  // namespace mops
