@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_matmul_backward_cpu", &mops::int4_matmul_backward_cpu, "dx = dy @ W, W block-quantized, CPU");
   m.def("prefix_attention_cpu", &mops::prefix_attention_cpu,
         "gated prefix attention, decode (T = 1), pool read through the index, CPU");
+  m.def("decode_attention_cpu", &mops::decode_attention_cpu,
+        "the CPU decode step's rotary embedding + KV-cache write + prefix attention of one layer, one call");
   m.def("prefix_attention_cuda_emulate", &mops::prefix_attention_cuda_emulate,
         "the CUDA decode kernel's decomposition run on the host (tests): same args + num_sms");
   m.def("prefix_attention_cuda_plan", &mops::prefix_attention_cuda_plan,

@@ -25,6 +25,15 @@ at::Tensor prefix_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& prefix_weight,
                                 const c10::optional<at::Tensor>& prefix_lens,
                                 const c10::optional<at::Tensor>& attention_mask, bool causal, double scale);
+// The CPU decode step's rotary + cache write + prefix attention in one call (decode_step_cpu.cpp)
+at::Tensor decode_attention_cpu(const at::Tensor& y, const at::Tensor& cos, const at::Tensor& sin_s,
+                                const at::Tensor& K, const at::Tensor& V, const at::Tensor& pos,
+                                const c10::optional<at::Tensor>& prefix_k,
+                                const c10::optional<at::Tensor>& prefix_v,
+                                const c10::optional<at::Tensor>& prefix_index,
+                                const c10::optional<at::Tensor>& prefix_weight,
+                                const c10::optional<at::Tensor>& prefix_lens, const at::Tensor& mask,
+                                int64_t S, int64_t Hq, double scale);
 // The CUDA decode kernel's decomposition on the host (tests; prefix_attention_cuda_emulate.cpp)
 at::Tensor prefix_attention_cuda_emulate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const c10::optional<at::Tensor>& prefix_k,

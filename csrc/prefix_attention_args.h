@@ -27,6 +27,27 @@ inline at::Tensor vec16_rows(const at::Tensor& t, int64_t ept) {
   return ok(c) ? c : c.clone();
 }
 
+// True when every value of the contiguous int32 tensor t lies in [lo, hi] (a host loop on the
+// CPU: no reductions and host reads through aten per call).
+inline bool values_within(const at::Tensor& t, int64_t lo, int64_t hi) {
+  if (!t.device().is_cpu()) return t.min().item<int64_t>() >= lo && t.max().item<int64_t>() <= hi;
+  const int32_t* p = t.data_ptr<int32_t>();
+  for (int64_t i = 0, n = t.numel(); i < n; ++i)
+    if (p[i] < lo || p[i] > hi) return false;
+  return true;
+}
+
+// An int64 CPU mask [B, S] (any strides) as contiguous uint8 0/1, in one pass.
+inline at::Tensor mask_bytes_cpu(const at::Tensor& m) {
+  const int64_t B = m.size(0), S = m.size(1), s0 = m.stride(0), s1 = m.stride(1);
+  at::Tensor out = at::empty({B, S}, m.options().dtype(at::kByte));
+  const int64_t* src = m.data_ptr<int64_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) dst[b * S + s] = src[b * s0 + s * s1] != 0;
+  return out;
+}
+
 // The checked, normalised arguments: q, k, v, pk, pv have a contiguous last dimension; idx is int32
 // [B, kk], w fp32 [B, kk], lens int32 [E], mask uint8 [B, S], all contiguous and on q's device.
 // pk, pv, idx, w, lens and mask are undefined when not given (pk, pv, idx: without prefixes).
@@ -89,8 +110,7 @@ inline Inputs check_prefix_attention_args(const char* op, const at::Tensor& q_in
     TORCH_CHECK(in.idx.dim() == 2 && in.idx.size(0) == in.B, op, ": prefix_index must have shape (B, kk)");
     in.kk = in.idx.size(1);
     if (check_values && in.idx.numel())
-      TORCH_CHECK(in.idx.min().item<int>() >= -1 && in.idx.max().item<int>() < in.E,
-                  op, ": prefix_index values must lie in [-1, E)");
+      TORCH_CHECK(values_within(in.idx, -1, in.E - 1), op, ": prefix_index values must lie in [-1, E)");
     if (prefix_weight.has_value()) {
       in.w = prefix_weight->to(device, at::kFloat).contiguous();
       TORCH_CHECK(in.w.sizes() == in.idx.sizes(), op, ": prefix_weight must have shape (B, kk)");
@@ -99,14 +119,14 @@ inline Inputs check_prefix_attention_args(const char* op, const at::Tensor& q_in
       in.lens = prefix_lens->to(device, at::kInt).contiguous();
       TORCH_CHECK(in.lens.dim() == 1 && in.lens.size(0) == in.E, op, ": prefix_lens must have shape (E,)");
       if (check_values && in.E)
-        TORCH_CHECK(in.lens.min().item<int>() >= 0 && in.lens.max().item<int>() <= in.P,
-                    op, ": prefix_lens values must lie in [0, P]");
+        TORCH_CHECK(values_within(in.lens, 0, in.P), op, ": prefix_lens values must lie in [0, P]");
     }
   }
   if (attention_mask.has_value()) {
-    in.mask = attention_mask->to(device).ne(0).to(at::kByte).contiguous();
-    TORCH_CHECK(in.mask.dim() == 2 && in.mask.size(0) == in.B && in.mask.size(1) == in.S,
-                op, ": attention_mask must have shape (B, S)");
+    const at::Tensor& m = *attention_mask;
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == in.B && m.size(1) == in.S, op, ": attention_mask must have shape (B, S)");
+    in.mask = device.is_cpu() && m.device().is_cpu() && m.scalar_type() == at::kLong ? mask_bytes_cpu(m)
+                                                                                     : m.to(device).ne(0).to(at::kByte).contiguous();
   }
   return in;
 }

@@ -128,3 +128,69 @@ def test_engine_decode_step_folds_norms_and_silu_into_the_kernel_calls():
     eng = Engine(model, None, max_batch=2, max_len=16)
     for ly in eng.decoder.lean:
         assert ly.qkv.pre is not None and ly.down.pre is not None and ly.act is None
+
+
+def test_engine_decode_attention_block_is_one_call_equal_to_the_python_block():
+    """On the CPU (fp32, C++ attention kernel) each layer's rotary + KV-cache write + attention is one
+    compiled call (decode_attention_cpu); with a Mixture of Prompts attached, mixed prompt lengths and a
+    freed slot, its tokens, KV caches and logits equal the Python block's bit for bit."""
+    from _hf_doubles import tiny_model
+    import mops_kernels
+    from mops_kernels.modules.int4_linear import replace_linears
+    from mops_kernels.serving import Engine
+    if not _backend.ext_has("decode_attention_cpu"):
+        pytest.skip("needs the compiled extension")
+    model = tiny_model(layers=3)
+    replace_linears(model.model)
+    torch.manual_seed(0)
+    mops = mops_kernels.MixtureOfPrompts.for_model(model, num_experts=4, prompt_len=3, top_k=2, gate_layer=0,
+                                                   inject_from=1)
+    runs = []
+    for fused in (True, False):
+        eng = Engine(model, mops, max_batch=3, max_len=40, eos_token_id=[])
+        assert all(ly.fused_attn is not None for ly in eng.decoder.lean)
+        if not fused:
+            for ly in eng.decoder.lean:
+                ly.fused_attn = None
+        g = torch.Generator().manual_seed(3)
+        reqs = [eng.submit(torch.randint(1, 97, (t,), generator=g), max_new_tokens=m)
+                for t, m in ((5, 9), (11, 3), (2, 12))]
+        while not all(r.done for r in reqs):
+            eng.step()
+        late = eng.submit(torch.randint(1, 97, (7,), generator=g), max_new_tokens=6)   # into the freed slot
+        while not late.done:
+            eng.step()
+        with torch.no_grad():
+            logits = eng.decoder(3, 30)
+        runs.append(([r.tokens for r in reqs + [late]], [k.clone() for k in eng.cache.K + eng.cache.V], logits))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert torch.equal(runs[0][2], runs[1][2])
+
+
+def test_decode_attention_cpu_checks_its_arguments():
+    ext = _backend.extension()
+    if not _backend.ext_has("decode_attention_cpu"):
+        pytest.skip("needs the compiled extension")
+    B, Hkv, L, D, Hq = 2, 2, 8, 16, 6
+    K, V = torch.zeros(B, Hkv, L, D), torch.zeros(B, Hkv, L, D)
+    y = torch.randn(2, (Hq + 2 * Hkv) * D)
+    cs = torch.ones(2, D)
+    mask = torch.ones(B, L, dtype=torch.long)
+    ok = dict(y=y, cos=cs, sin_s=cs, K=K, V=V, pos=torch.tensor([0, 3]))
+
+    def call(**kw):
+        a = {**ok, **kw}
+        return ext.decode_attention_cpu(a["y"], a["cos"], a["sin_s"], a["K"], a["V"], a["pos"], None, None, None,
+                                        None, None, mask, kw.get("S", 4), Hq, 0.25)
+    assert call().shape == (2, Hq * D)
+    with pytest.raises(RuntimeError, match=r"pos\[1\] = 4 must lie in \[0, S = 4\)"):
+        call(pos=torch.tensor([0, 4]))
+    with pytest.raises(RuntimeError, match="S must lie in"):
+        call(S=9)
+    with pytest.raises(RuntimeError, match="y must be a contiguous float32"):
+        call(y=y[:, :-1])
+    with pytest.raises(RuntimeError, match="K and V must be contiguous float32"):
+        call(K=K.double())
+    with pytest.raises(RuntimeError, match="pos must be a contiguous int64"):
+        call(pos=torch.tensor([0, 3], dtype=torch.int32))

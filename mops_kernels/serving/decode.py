@@ -13,7 +13,9 @@
   matmul's call that reads them (`int4_matmul_cpu_pre`), not as separate aten ops. Linears that are not Int4Linear (or do not share bits/group/K) run one
   by one. The attention backend for T = 1 is picked once per layer from the op's registry and called
   directly (the op's argument checks read values on the host); value checks happen where data
-  enters the Engine (submit, the gate's output). The step reads nothing on the host and has static
+  enters the Engine (submit, the gate's output). On the CPU with fp32 and the C++ kernel, rotary +
+  cache write + attention run as one compiled call per layer (`decode_attention_cpu`, the same
+  arithmetic: csrc/decode_step_cpu.cpp). The step reads nothing on the host and has static
   shapes for a given (n, S): it can be captured in a CUDA graph (graphs.py).
 """
 from __future__ import annotations
@@ -99,6 +101,7 @@ class LeanLayer:
         self.o = FusedProj([attn.o_proj], device)
         self.scale = attn.scaling
         self.attn = None                                   # the T = 1 backend, set by DecodeStep
+        self.fused_attn = None                             # or the CPU's whole attention block (DecodeStep)
         if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             self.gate_up = FusedProj([mlp.gate_proj, mlp.up_proj], device, fuse)
             self.down, self.act, self.inter = FusedProj([mlp.down_proj], device), mlp.act_fn, mlp.gate_proj.out_features
@@ -191,11 +194,19 @@ class DecodeStep:
         self.lean = [LeanLayer(layer, device, fuse) for layer in layers]
         # the largest position shift a row may have (SlotCache.pos_offset; 0: positions are the lengths)
         self.max_offset = int(getattr(self.plan.prompts, "max_position_offset", self.plan.position_offset) or 0)
+        self._rope_table()
+        # the CPU's attention block as one compiled call (rotary + cache write + the C++ kernel), on
+        # the layers whose T = 1 backend is that kernel, with fp32 and the rotary table
+        fused = None
+        if device.type == "cpu" and dtype == torch.float32 and self.cos is not None and \
+                _backend.ext_has("decode_attention_cpu"):
+            fused = _backend.extension().decode_attention_cpu
         q1 = torch.empty(1, Hq, 1, D, dtype=dtype, device=device)
         for l, ly in enumerate(self.lean):
             has_prefix = cache.prefix(l, slice(0, 1))[2] is not None
-            ly.attn = _backend.dispatch(pa_mod._OP, device, q1, has_prefix, False).fn
-        self._rope_table()
+            impl = _backend.dispatch(pa_mod._OP, device, q1, has_prefix, False)
+            ly.attn = impl.fn
+            ly.fused_attn = fused if impl.backend == "cpu" else None
 
     def _rope_table(self):
         """cos and the sign-folded sin of every position, [max_len + offset, D], from the model's own rotary
@@ -223,7 +234,8 @@ class DecodeStep:
         h = self.embed(c.tokens_in[:n].view(n, 1)).view(n, -1)
         p = pos + c.pos_offset[:n] if self.max_offset else pos
         if self.cos is not None:
-            cos, sin_s = self.cos[p].view(n, 1, D), self.sin_s[p].view(n, 1, D)
+            cos_r, sin_r = self.cos[p], self.sin_s[p]
+            cos, sin_s = cos_r.view(n, 1, D), sin_r.view(n, 1, D)
         else:
             co, s = self.rotary(h.view(n, 1, -1), p.view(n, 1))
             cos, sin_s = co.view(n, 1, D), torch.cat([-s[..., :D // 2], s[..., D // 2:]], -1).view(n, 1, D)
@@ -231,15 +243,20 @@ class DecodeStep:
         mask = c.mask[:n, :S]
         rows = slice(0, n)
         for l, ly in enumerate(self.lean):
-            y = ly.qkv.normed(h, ly.ln1).view(n, Hq + 2 * Hkv, D)
-            qk = y[:, :H2]
-            qk = qk * cos + qk.reshape(n, H2, 2, D // 2).flip(2).view(n, H2, D) * sin_s
-            c.K[l][ar, :, pos] = qk[:, Hq:]
-            c.V[l][ar, :, pos] = y[:, H2:]
+            y = ly.qkv.normed(h, ly.ln1)
             pk, pv, idx, w, lens = c.prefix(l, rows)
-            q, k, v = qk[:, :Hq].unsqueeze(2), c.K[l][:n, :, :S], c.V[l][:n, :, :S]
-            o = ly.attn(q, k, v, pk, pv, idx, w, lens, mask, False, ly.scale)
-            h = h + ly.o(o.reshape(n, Hq * D))
+            if ly.fused_attn is not None:
+                o = ly.fused_attn(y, cos_r, sin_r, c.K[l], c.V[l], pos, pk, pv, idx, w, lens, c.mask, S, Hq,
+                                  ly.scale)
+            else:
+                y = y.view(n, Hq + 2 * Hkv, D)
+                qk = y[:, :H2]
+                qk = qk * cos + qk.reshape(n, H2, 2, D // 2).flip(2).view(n, H2, D) * sin_s
+                c.K[l][ar, :, pos] = qk[:, Hq:]
+                c.V[l][ar, :, pos] = y[:, H2:]
+                q, k, v = qk[:, :Hq].unsqueeze(2), c.K[l][:n, :, :S], c.V[l][:n, :, :S]
+                o = ly.attn(q, k, v, pk, pv, idx, w, lens, mask, False, ly.scale).reshape(n, Hq * D)
+            h = h + ly.o(o)
             if ly.gate_up is None:
                 h = h + ly.mlp(rms(ly.ln2, h))
             else:
