@@ -19,7 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- CPU ---------------------------------------------------------------------------------
   m.def("int4_matmul_cpu", &mops::int4_matmul_cpu, "y = x @ W^T, W block-quantized (4/8-bit), CPU");
   m.def("int4_matmul_cpu_pre", &mops::int4_matmul_cpu_pre,
-        "int4_matmul_cpu of RMSNorm(x) (pre=1) or silu(x[:, :K]) * x[:, K:] (pre=2), decode step, CPU");
+        "int4_matmul_cpu of x (pre=0), RMSNorm(x) (pre=1) or silu(x[:, :K]) * x[:, K:] (pre=2), plus residual, "
+        "reading the next weight ahead; decode step, CPU",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("min"), py::arg("group_size"), py::arg("bits"),
+        py::arg("pre"), py::arg("norm_weight"), py::arg("eps"), py::arg("residual") = py::none(),
+        py::arg("next_qweight") = py::none(), py::arg("next_scale") = py::none(), py::arg("next_min") = py::none());
   m.def("int4_matmul_backward_cpu", &mops::int4_matmul_backward_cpu, "dx = dy @ W, W block-quantized, CPU");
   m.def("prefix_attention_cpu", &mops::prefix_attention_cpu,
         "gated prefix attention, decode (T = 1), pool read through the index, CPU");

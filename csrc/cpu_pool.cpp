@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -52,6 +53,8 @@ struct Job {
   std::atomic<int64_t> done{0};
   int64_t n = 0, grain = 1, chunks = 0;
   int lanes = 1;
+  Prefetch after;             // read by the helper of lane 1 after its chunks (parallel_chunks)
+  bool has_after = false;
   std::function<void(int64_t, int64_t)> f;  // called only for a claimed chunk, while the caller waits
 
   void split(int threads) {
@@ -86,8 +89,12 @@ class HelperPool {
 
   // Runs f over [0, n) in chunks of `grain` with up to `threads` threads (the caller included).
   template <typename F>
-  void run(int64_t n, int64_t grain, int threads, const F& f) {
+  void run(int64_t n, int64_t grain, int threads, const F& f, const Prefetch* after) {
     auto job = std::make_shared<Job>();
+    if (after != nullptr) {
+      job->after = *after;
+      job->has_after = true;
+    }
     job->n = n;
     job->grain = grain;
     job->chunks = (n + grain - 1) / grain;
@@ -138,6 +145,20 @@ class HelperPool {
   }
 
  private:
+  // Reads one byte per 64-byte line of each range (independent loads: the core and its prefetchers
+  // keep many lines in flight), until done or until the caller publishes the next job.
+  void read_ahead(const Prefetch& pf, uint64_t seen) {
+    unsigned sink = 0;
+    for (int r = 0; r < 3; ++r) {
+      const volatile uint8_t* p = static_cast<const volatile uint8_t*>(pf.ptr[r]);
+      for (int64_t o = 0; p != nullptr && o < pf.bytes[r]; o += 64) {
+        sink += p[o];
+        if ((o & 16383) == 0 && gen_.load(std::memory_order_relaxed) != seen) return;
+      }
+    }
+    sink_.store(sink, std::memory_order_relaxed);
+  }
+
   static void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -194,7 +215,11 @@ class HelperPool {
           job = job_;
         }
       }
-      if (job) job->work(job->take_lane());
+      if (job) {
+        const int lane = job->take_lane();
+        job->work(lane);
+        if (job->has_after && lane == 1) read_ahead(job->after, seen);
+      }
     }
   }
 
@@ -207,19 +232,21 @@ class HelperPool {
   std::atomic<int64_t> load_checked_ms_{-1000};
   std::atomic<bool> busy_{false};
   std::atomic<pid_t> owner_pid_{0};  // the process whose helpers these are
+  std::atomic<unsigned> sink_{0};    // keeps read_ahead's loads
   int want_ = 0;
   int started_ = 0;
 };
 
 }  // namespace
 
-void parallel_chunks(int64_t n, int64_t grain, int64_t work, const std::function<void(int64_t, int64_t)>& f) {
+void parallel_chunks(int64_t n, int64_t grain, int64_t work, const std::function<void(int64_t, int64_t)>& f,
+                     const Prefetch* after) {
   const int threads = at::get_num_threads();
   if (threads <= 1 || n <= grain || work < kMinParallelWork || at::in_parallel_region()) {
     f(0, n);
     return;
   }
-  HelperPool::get().run(n, grain, threads, f);
+  HelperPool::get().run(n, grain, threads, f, after);
 }
 
 

@@ -6,6 +6,9 @@
 //       plus helpers (up to at::get_num_threads() threads in all); serial inside another parallel
 //       region, with one thread, or when `work` (multiply-adds) is below kMinParallelWork.
 //       f must not throw and must write disjoint outputs per chunk.
+//       `after` (optional): memory the first helper reads once its chunks are done, while the
+//       caller goes on (a decode step's next weight matrix: the Python and attention work between
+//       two GEMVs hides its DRAM latency). It stops at the next job; nothing waits for it.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -17,7 +20,14 @@ namespace cpupool {
 // share is shorter than what it costs to hand it over.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
-void parallel_chunks(int64_t n, int64_t grain, int64_t work, const std::function<void(int64_t, int64_t)>& f);
+// Up to three byte ranges to read ahead (null pointers / 0 bytes: none).
+struct Prefetch {
+  const void* ptr[3] = {nullptr, nullptr, nullptr};
+  int64_t bytes[3] = {0, 0, 0};
+};
+
+void parallel_chunks(int64_t n, int64_t grain, int64_t work, const std::function<void(int64_t, int64_t)>& f,
+                     const Prefetch* after = nullptr);
 
 }  // namespace cpupool
 }  // namespace mops

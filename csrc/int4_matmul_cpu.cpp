@@ -115,7 +115,8 @@ int64_t rows_per_pass(int64_t K) {
 }
 
 void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s, const uint16_t* mn,
-             float* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t K128, int level) {
+             float* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t K128, int level,
+             const cpupool::Prefetch* after) {
   const int64_t pass = rows_per_pass(K);
   cpupool::parallel_chunks(N, chunk_rows(K), M * N * K, [&](int64_t b, int64_t e) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -123,11 +124,11 @@ void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_
     if (level == 1) return int4cpu::q4_chunk_avx2(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
 #endif
     int4cpu::base::q4_chunk(xp, xsum, q, s, mn, y, M, N, K, G, pass, b, e, K128);
-  });
+  }, after);
 }
 
 void gemv_q8(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M, int64_t N,
-             int64_t K, int64_t G) {
+             int64_t K, int64_t G, const cpupool::Prefetch* after) {
   const int64_t pass = rows_per_pass(K);
 #if defined(__x86_64__) || defined(__i386__)
   const bool avx2 = isa::active() == isa::kAvx2;
@@ -139,13 +140,15 @@ void gemv_q8(const float* xp, const int8_t* q, const uint16_t* s, float* y, int6
     if (avx2) return int4cpu::q8_chunk_avx2(xp, q, s, y, M, N, K, G, pass, b, e);
 #endif
     int4cpu::base::q8_chunk(xp, q, s, y, M, N, K, G, pass, b, e);
-  });
+  }, after);
 }
 
 }  // namespace
 
-at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                           const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits) {
+// int4_matmul_cpu with the GEMV path's read-ahead of the next weight (`after`, may be null).
+at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits,
+                                const cpupool::Prefetch* after) {
   check_weight(qweight, scale, min, group_size, bits);
   const int64_t N = qweight.size(0);
   const int64_t K = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
@@ -188,10 +191,10 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     at::Tensor y = at::empty({M, N}, xf.options());
     if (bits == 4)
       gemv_q4(xp, xsum, qweight.data_ptr<uint8_t>(), half_ptr(scale), mn, y.data_ptr<float>(), M, N,
-              K, group_size, K128, level);
+              K, group_size, K128, level, after);
     else
       gemv_q8(xp, qweight.data_ptr<int8_t>(), half_ptr(scale), y.data_ptr<float>(), M, N, K,
-              group_size);
+              group_size, after);
     return f32 ? y : y.to(x.scalar_type());
   }
 
@@ -207,22 +210,50 @@ at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const
   return yt.t().to(x.scalar_type()).contiguous();
 }
 
+at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                           const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits) {
+  return int4_matmul_cpu_impl(x, qweight, scale, min, group_size, bits, nullptr);
+}
+
 at::Tensor int4_matmul_cpu_pre(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                                const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits,
-                               int64_t pre, const c10::optional<at::Tensor>& norm_weight, double eps) {
+                               int64_t pre, const c10::optional<at::Tensor>& norm_weight, double eps,
+                               const c10::optional<at::Tensor>& residual,
+                               const c10::optional<at::Tensor>& next_qweight,
+                               const c10::optional<at::Tensor>& next_scale,
+                               const c10::optional<at::Tensor>& next_min) {
   check_weight(qweight, scale, min, group_size, bits);
+  const int64_t N = qweight.size(0);
   const int64_t K = bits == 4 ? qweight.size(1) * 2 : qweight.size(1);
-  TORCH_CHECK(pre == 1 || pre == 2, "int4_matmul_cpu_pre: pre must be 1 (RMSNorm) or 2 (SiLU * up), got ", pre);
+  TORCH_CHECK(pre == 0 || pre == 1 || pre == 2,
+              "int4_matmul_cpu_pre: pre must be 0 (none), 1 (RMSNorm) or 2 (SiLU * up), got ", pre);
+  const int64_t Kx = pre == 2 ? 2 * K : K;
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "int4_matmul_cpu_pre: x must be a contiguous float32 CPU tensor (M, ", pre == 1 ? K : 2 * K,
-              "), got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(x.size(1) == (pre == 1 ? K : 2 * K), "int4_matmul_cpu_pre: x must have shape (M, ",
-              pre == 1 ? K : 2 * K, ") for pre=", pre, " and K=", K, ", got ", x.sizes());
+              "int4_matmul_cpu_pre: x must be a contiguous float32 CPU tensor (M, ", Kx, "), got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.size(1) == Kx, "int4_matmul_cpu_pre: x must have shape (M, ", Kx, ") for pre=", pre, " and K=", K,
+              ", got ", x.sizes());
   const int64_t M = x.size(0);
-  at::Tensor xn = at::empty({M, K}, x.options());
+  if (residual.has_value())
+    TORCH_CHECK(residual->device().is_cpu() && residual->scalar_type() == at::kFloat && residual->is_contiguous() &&
+                    residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N,
+                "int4_matmul_cpu_pre: residual must be a contiguous float32 CPU tensor (", M, ", ", N, "), got ",
+                residual->sizes());
+  // the next weight to read ahead: its codes, scales and mins as byte ranges (no checks needed: only read)
+  cpupool::Prefetch next;
+  const c10::optional<at::Tensor>* nx[3] = {&next_qweight, &next_scale, &next_min};
+  bool has_next = false;
+  for (int i = 0; i < 3; ++i)
+    if (nx[i]->has_value() && (*nx[i])->device().is_cpu() && (*nx[i])->is_contiguous()) {
+      next.ptr[i] = (*nx[i])->data_ptr();
+      next.bytes[i] = (*nx[i])->nbytes();
+      has_next = true;
+    }
+  at::Tensor xn = pre == 0 ? x : at::empty({M, K}, x.options());
   const float* xi = x.data_ptr<float>();
   float* o = xn.data_ptr<float>();
-  if (pre == 1) {
+  if (pre == 0) {
+  } else if (pre == 1) {
     TORCH_CHECK(norm_weight.has_value() && norm_weight->device().is_cpu() &&
                     norm_weight->scalar_type() == at::kFloat && norm_weight->is_contiguous() &&
                     norm_weight->numel() == K,
@@ -242,7 +273,13 @@ at::Tensor int4_matmul_cpu_pre(const at::Tensor& x, const at::Tensor& qweight, c
       for (int64_t c = 0; c < K; ++c) o[m * K + c] = g[c] / (1.f + std::exp(-g[c])) * u[c];
     }
   }
-  return int4_matmul_cpu(xn, qweight, scale, min, group_size, bits);
+  at::Tensor y = int4_matmul_cpu_impl(xn, qweight, scale, min, group_size, bits, has_next ? &next : nullptr);
+  if (residual.has_value()) {  // y + residual, one rounding: the aten add's result
+    float* yp = y.data_ptr<float>();
+    const float* rp = residual->data_ptr<float>();
+    for (int64_t i = 0, n = M * N; i < n; ++i) yp[i] = rp[i] + yp[i];
+  }
+  return y;
 }
 
 at::Tensor int4_matmul_backward_cpu(const at::Tensor& dy, const at::Tensor& qweight,

@@ -9,11 +9,17 @@ namespace mops {
 // ---- CPU ------------------------------------------------------------------------------------
 at::Tensor int4_matmul_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                            const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits);
-// The decode step's norm / MLP activation folded into the matmul's call (inference only):
-// pre = 1: y = (x * rsqrt(mean(x^2) + eps) * norm_weight) @ W^T; pre = 2: y = (silu(x[:, :K]) * x[:, K:]) @ W^T
+// The decode step's norm / MLP activation / residual folded into the matmul's call (inference only):
+// pre = 0: y = x @ W^T; pre = 1: y = (x * rsqrt(mean(x^2) + eps) * norm_weight) @ W^T;
+// pre = 2: y = (silu(x[:, :K]) * x[:, K:]) @ W^T; then y += residual when given. next_*: the weight
+// the step multiplies next, read ahead by a helper thread while the caller goes on (cpu_pool.h).
 at::Tensor int4_matmul_cpu_pre(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                                const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits,
-                               int64_t pre, const c10::optional<at::Tensor>& norm_weight, double eps);
+                               int64_t pre, const c10::optional<at::Tensor>& norm_weight, double eps,
+                               const c10::optional<at::Tensor>& residual,
+                               const c10::optional<at::Tensor>& next_qweight,
+                               const c10::optional<at::Tensor>& next_scale,
+                               const c10::optional<at::Tensor>& next_min);
 at::Tensor int4_matmul_backward_cpu(const at::Tensor& dy, const at::Tensor& qweight,
                                     const at::Tensor& scale, const c10::optional<at::Tensor>& min,
                                     int64_t group_size, int64_t bits);

@@ -98,6 +98,14 @@ def test_pre_rmsnorm_and_silu_mul_equal_the_separate_ops(bits, G, K, N, M):
     gu = torch.randn(M, 2 * K) * 4
     want = ext.int4_matmul_cpu(torch.nn.functional.silu(gu[:, :K]) * gu[:, K:], *args)
     torch.testing.assert_close(ext.int4_matmul_cpu_pre(gu, *args, 2, None, 0.0), want, rtol=1e-5, atol=1e-5)
+    # pre = 0 and the residual sum: the kernel's own result plus the residual, bit for bit (one
+    # rounding, as the aten add); reading another weight ahead changes nothing
+    res = torch.randn(M, N)
+    other = quantize(torch.randn(64, 96) * 0.05, bits=4, group_size=32)
+    got = ext.int4_matmul_cpu_pre(x, *args, 0, None, 0.0, res, other.qweight, other.scale, other.min)
+    assert torch.equal(got, res + ext.int4_matmul_cpu(x, *args))
+    got = ext.int4_matmul_cpu_pre(gu, *args, 2, None, 0.0, res)
+    assert torch.equal(got, res + ext.int4_matmul_cpu_pre(gu, *args, 2, None, 0.0))
 
 
 def test_pre_checks_its_arguments():
@@ -105,8 +113,10 @@ def test_pre_checks_its_arguments():
     qw = quantize(torch.randn(8, 64), bits=4, group_size=32)
     args = (qw.qweight, qw.scale, qw.min, 32, 4)
     x, w = torch.randn(2, 64), torch.ones(64)
-    with pytest.raises(RuntimeError, match="pre must be 1"):
+    with pytest.raises(RuntimeError, match=r"pre must be 0 \(none\), 1 \(RMSNorm\) or 2"):
         ext.int4_matmul_cpu_pre(x, *args, 3, w, 1e-5)
+    with pytest.raises(RuntimeError, match=r"residual must be a contiguous float32 CPU tensor \(2, 8\)"):
+        ext.int4_matmul_cpu_pre(x, *args, 0, None, 0.0, torch.zeros(2, 7))
     with pytest.raises(RuntimeError, match=r"x must have shape \(M, 128\)"):
         ext.int4_matmul_cpu_pre(x, *args, 2, None, 0.0)
     with pytest.raises(RuntimeError, match="norm_weight must be"):
@@ -128,6 +138,13 @@ def test_engine_decode_step_folds_norms_and_silu_into_the_kernel_calls():
     eng = Engine(model, None, max_batch=2, max_len=16)
     for ly in eng.decoder.lean:
         assert ly.qkv.pre is not None and ly.down.pre is not None and ly.act is None
+    # each call reads ahead the weight multiplied next: q/k/v -> o -> gate/up -> down -> next layer's
+    # q/k/v ... (the head here is a plain Linear: the last down projection wraps to the first q/k/v)
+    dec = eng.decoder
+    assert dec.head.qw is None
+    chain = [p for ly in dec.lean for p in (ly.qkv, ly.o, ly.gate_up, ly.down)]
+    for p, nxt in zip(chain, chain[1:] + chain[:1]):
+        assert p.next_weight[0] is nxt.qw.qweight and p.next_weight[2] is nxt.qw.min
 
 
 def test_engine_decode_attention_block_is_one_call_equal_to_the_python_block():

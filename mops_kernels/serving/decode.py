@@ -9,8 +9,9 @@
   along N once at construction: lossless, every output row is the same dot product), rotary
   embedding from a table built once (q and k rotated together), the new key/value written at
   position lens[b], prefix attention, o_proj, one int4 matmul for gate/up (fused likewise),
-  act(gate) * up, down_proj. On the CPU kernel the RMSNorms (and SiLU * up) run inside the
-  matmul's call that reads them (`int4_matmul_cpu_pre`), not as separate aten ops. Linears that are not Int4Linear (or do not share bits/group/K) run one
+  act(gate) * up, down_proj. On the CPU kernel the RMSNorms, SiLU * up and the residual sums run
+  inside the matmul's call that reads them (`int4_matmul_cpu_pre`), not as separate aten ops, and
+  each call has its helper thread read the next weight ahead (`next_weight`). Linears that are not Int4Linear (or do not share bits/group/K) run one
   by one. The attention backend for T = 1 is picked once per layer from the op's registry and called
   directly (the op's argument checks read values on the host); value checks happen where data
   enters the Engine (submit, the gate's output). On the CPU with fp32 and the C++ kernel, rotary +
@@ -64,11 +65,23 @@ class FusedProj:
             self.fn = lambda x: kern(x, q, s, mn, g, bits)
             if _backend.ext_has("int4_matmul_cpu_pre"):
                 kpre = _backend.extension().int4_matmul_cpu_pre
-                self.pre = lambda x, kind, w, eps: kpre(x, q, s, mn, g, bits, kind, w, eps)
+                self.qw = qw
+                self.pre = lambda x, kind, w, eps, res=None: kpre(x, q, s, mn, g, bits, kind, w, eps, res,
+                                                                  *self.next_weight)
         else:
             self.fn = lambda x: int4_matmul(x, qw, bias)
 
     pre = None  # the CPU kernel with its input transformed in the same call (csrc/ops.h), or None
+    qw = None   # the (fused) QuantizedWeight behind `pre`
+    # (qweight, scale, min) of the weight the step multiplies after this one: the kernel's helper
+    # thread reads it ahead while Python and attention run in between (DecodeStep links them)
+    next_weight = (None, None, None)
+
+    def add(self, x, residual):
+        """residual + self(x), the sum inside the kernel's call on the CPU kernel."""
+        if self.pre is not None and x.dtype == torch.float32 and x.is_contiguous() and residual.is_contiguous():
+            return self.pre(x, 0, None, 0.0, residual)
+        return residual + self(x)
 
     def __call__(self, x):
         if self.fn is not None:
@@ -83,12 +96,14 @@ class FusedProj:
             return self.pre(x, 1, norm.weight, float(norm.variance_epsilon))
         return self(rms(norm, x))
 
-    def silu_mul(self, gu, act, inter):
-        """self(act(gu[:, :inter]) * gu[:, inter:]), act the MLP's activation (None: SiLU, which the
-        CPU kernel applies inside its call)."""
-        if self.pre is not None and act is None and gu.dtype == torch.float32 and gu.is_contiguous():
-            return self.pre(gu, 2, None, 0.0)
-        return self((act or torch.nn.functional.silu)(gu[:, :inter]) * gu[:, inter:])
+    def silu_mul(self, gu, act, inter, residual=None):
+        """self(act(gu[:, :inter]) * gu[:, inter:]) (+ residual), act the MLP's activation (None: SiLU,
+        which the CPU kernel applies inside its call, with the residual sum)."""
+        if self.pre is not None and act is None and gu.dtype == torch.float32 and gu.is_contiguous() and \
+                (residual is None or residual.is_contiguous()):
+            return self.pre(gu, 2, None, 0.0, residual)
+        y = self((act or torch.nn.functional.silu)(gu[:, :inter]) * gu[:, inter:])
+        return y if residual is None else residual + y
 
 
 class LeanLayer:
@@ -195,6 +210,13 @@ class DecodeStep:
         # the largest position shift a row may have (SlotCache.pos_offset; 0: positions are the lengths)
         self.max_offset = int(getattr(self.plan.prompts, "max_position_offset", self.plan.position_offset) or 0)
         self._rope_table()
+        # each CPU kernel call reads ahead the weight the step multiplies next (the last layer's down
+        # projection: the head; the head: the first layer's q/k/v, for the next step)
+        # (only the calls on the CPU kernel: a projection that is not skips to the next that is)
+        chain = [p for ly in self.lean for p in (ly.qkv, ly.o, ly.gate_up, ly.down)] + [self.head]
+        chain = [p for p in chain if p is not None and p.qw is not None]
+        for p, nxt in zip(chain, chain[1:] + chain[:1]):
+            p.next_weight = (nxt.qw.qweight, nxt.qw.scale, nxt.qw.min)
         # the CPU's attention block as one compiled call (rotary + cache write + the C++ kernel), on
         # the layers whose T = 1 backend is that kernel, with fp32 and the rotary table
         fused = None
@@ -256,10 +278,10 @@ class DecodeStep:
                 c.V[l][ar, :, pos] = y[:, H2:]
                 q, k, v = qk[:, :Hq].unsqueeze(2), c.K[l][:n, :, :S], c.V[l][:n, :, :S]
                 o = ly.attn(q, k, v, pk, pv, idx, w, lens, mask, False, ly.scale).reshape(n, Hq * D)
-            h = h + ly.o(o)
+            h = ly.o.add(o, h)
             if ly.gate_up is None:
                 h = h + ly.mlp(rms(ly.ln2, h))
             else:
-                h = h + ly.down.silu_mul(ly.gate_up.normed(h, ly.ln2), ly.act, ly.inter)
+                h = ly.down.silu_mul(ly.gate_up.normed(h, ly.ln2), ly.act, ly.inter, residual=h)
         c.lens[:n] += c.active[:n]
         return self.head.normed(h, self.norm).float()
