@@ -33,7 +33,11 @@ namespace {
 // Helpers are detached and the pool is never destroyed (no joins at exit); a forked child never
 // publishes jobs (it has no helpers) and runs every chunk itself.
 constexpr int64_t kSpinUs = 300;
-constexpr int64_t kSlowWaitUs = 30;  // a chunk is a few us of work: a longer wait is a preempted helper
+// A wait for a helper's chunk longer than kSlowWaitUs, or than twice the chunk's work at
+// kMacsPerUs multiply-adds per us (a slow core's fp32 rate), is a preempted helper: chunks of a
+// batch-1 GEMV are a few us, those of a 64-token one ~100 us, and neither may count as preempted.
+constexpr int64_t kSlowWaitUs = 30;
+constexpr int64_t kMacsPerUs = 8000;
 
 // The chunks are split into one contiguous lane per thread (the caller's lane 0, each helper the
 // next free one); a thread runs its own lane in order, then takes what is left of the others, in
@@ -89,7 +93,8 @@ class HelperPool {
 
   // Runs f over [0, n) in chunks of `grain` with up to `threads` threads (the caller included).
   template <typename F>
-  void run(int64_t n, int64_t grain, int threads, const F& f, const Prefetch* after) {
+  void run(int64_t n, int64_t grain, int threads, const F& f, const Prefetch* after, int64_t chunk_work) {
+    const int64_t slow_us = std::max<int64_t>(kSlowWaitUs, 2 * chunk_work / kMacsPerUs);
     auto job = std::make_shared<Job>();
     if (after != nullptr) {
       job->after = *after;
@@ -130,7 +135,7 @@ class HelperPool {
       // alone (their helpers fall asleep meanwhile), and go back to helpers on fast waits.
       const auto t0 = std::chrono::steady_clock::now();
       while (job->done.load(std::memory_order_acquire) < job->chunks) cpu_relax();
-      if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(kSlowWaitUs)) {
+      if (std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(slow_us)) {
         const int lv = std::min(level_.load(std::memory_order_relaxed) + 1, 10);
         level_.store(lv, std::memory_order_relaxed);
         skip_.store(1 << lv, std::memory_order_relaxed);
@@ -246,7 +251,7 @@ void parallel_chunks(int64_t n, int64_t grain, int64_t work, const std::function
     f(0, n);
     return;
   }
-  HelperPool::get().run(n, grain, threads, f, after);
+  HelperPool::get().run(n, grain, threads, f, after, work / ((n + grain - 1) / grain));
 }
 
 
