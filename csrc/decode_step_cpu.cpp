@@ -2,7 +2,8 @@
 // b < n, the rotary embedding of its new token's q and k heads (the position's cos and sign-folded
 // sin rows: x * cos + flip_halves(x) * sin_s, as the Python step computes it, product by product),
 // k and v written into the cache at column pos[b], then prefix attention of q over cache columns
-// [0, S) (prefix_attention_cpu: its checks, its kernel).
+// [0, S) (prefix_attention_cpu's kernel and threads, its arguments read in place: the cache and
+// its int64 mask with their strides, no views or converted copies).
 //   decode_attention_cpu(y [n, (Hq + 2 Hkv) * D] fp32 (q, k, v heads of the fused projection),
 //                        cos, sin_s [n, D] fp32, K, V [B, Hkv, L, D] fp32 contiguous (the cache,
 //                        written in place), pos [n] int64 (each < L), prefix_k, prefix_v,
@@ -13,10 +14,21 @@
 
 #include <cstring>
 
+#define MOPS_PA_ISA base
 #include "ops.h"
+#include "prefix_attention_args.h"
+#include "prefix_attention_cpu_kernel.h"
 
 namespace mops {
+// prefix_attention_cpu.cpp: every (b, kv head) of filled arguments, on its ISA and threads
+void prefix_attention_decode_cpu(const pacpu::DecodeArgs<float>& a, int64_t B);
+
 namespace {
+
+// t as a contiguous tensor of `dtype` (itself when it already is one)
+at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+}
 
 // dst[d] = x[d] * c[d] + x[(d + D/2) % D] * s[d]: two rounded products, then their rounded sum (no
 // fused multiply-add), so the result equals the aten expression bit for bit.
@@ -83,10 +95,47 @@ at::Tensor decode_attention_cpu(const at::Tensor& y, const at::Tensor& cos, cons
       std::memcpy(vp + at_pos, yr + (Hq + Hkv + j) * D, sizeof(float) * D);
     }
   }
-  at::Tensor out = prefix_attention_cpu(q, K.narrow(0, 0, n).narrow(2, 0, S), V.narrow(0, 0, n).narrow(2, 0, S),
-                                        prefix_k, prefix_v, prefix_index, prefix_weight, prefix_lens,
-                                        mask.narrow(0, 0, n).narrow(1, 0, S), false, scale);
-  return out.view({n, Hq * D});
+  pacpu::DecodeArgs<float> a{};
+  a.q = qp; a.sqb = Hq * D; a.sqh = D;
+  a.k = kp; a.skb = Hkv * L * D; a.skh = L * D; a.sks = D;
+  a.v = vp; a.svb = Hkv * L * D; a.svh = L * D; a.svs = D;
+  const at::Tensor m = mask.scalar_type() == at::kLong && mask.stride(1) == 1 ? mask : mask.ne(0).to(at::kLong);
+  TORCH_CHECK(m.device().is_cpu(), op, ": mask must be a CPU tensor");
+  a.mask64 = m.data_ptr<int64_t>(); a.smb = m.stride(0);
+  at::Tensor pk, pv, idx, w, lens;
+  if (prefix_k.has_value() && prefix_index.has_value()) {
+    TORCH_CHECK(prefix_v.has_value(), op, ": prefix_v is required with prefix_k");
+    pk = prefix_k->stride(-1) == 1 ? *prefix_k : prefix_k->contiguous();
+    pv = prefix_v->stride(-1) == 1 ? *prefix_v : prefix_v->contiguous();
+    TORCH_CHECK(pk.device().is_cpu() && pk.scalar_type() == at::kFloat && pk.dim() == 4 && pk.size(2) == Hkv &&
+                    pk.size(3) == D && pv.sizes() == pk.sizes() && pv.scalar_type() == at::kFloat && pv.device().is_cpu(),
+                op, ": prefix_k/prefix_v must be float32 CPU tensors (E, P, Hkv = ", Hkv, ", D = ", D, ")");
+    const int64_t E = pk.size(0), P = pk.size(1);
+    idx = as_contiguous(*prefix_index, at::kInt);
+    TORCH_CHECK(idx.dim() == 2 && idx.size(0) == n, op, ": prefix_index must have shape (n, kk)");
+    TORCH_CHECK(paargs::values_within(idx, -1, E - 1), op, ": prefix_index values must lie in [-1, E)");
+    if (prefix_weight.has_value()) {
+      w = as_contiguous(*prefix_weight, at::kFloat);
+      TORCH_CHECK(w.sizes() == idx.sizes(), op, ": prefix_weight must have shape (n, kk)");
+    }
+    if (prefix_lens.has_value()) {
+      lens = as_contiguous(*prefix_lens, at::kInt);
+      TORCH_CHECK(lens.dim() == 1 && lens.size(0) == E, op, ": prefix_lens must have shape (E,)");
+      TORCH_CHECK(paargs::values_within(lens, 0, P), op, ": prefix_lens values must lie in [0, P]");
+    }
+    a.pk = pk.data_ptr<float>(); a.spke = pk.stride(0); a.spkp = pk.stride(1); a.spkh = pk.stride(2);
+    a.pv = pv.data_ptr<float>(); a.spve = pv.stride(0); a.spvp = pv.stride(1); a.spvh = pv.stride(2);
+    a.idx = idx.data_ptr<int32_t>(); a.kk = idx.size(1);
+    a.w = w.defined() ? w.data_ptr<float>() : nullptr;
+    a.lens = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
+    a.P = P;
+  }
+  at::Tensor out = at::empty({n, Hq * D}, y.options());
+  a.out = out.data_ptr<float>(); a.sob = Hq * D; a.soh = D;
+  a.Hkv = Hkv; a.G = Hq / Hkv; a.S = S; a.D = D;
+  a.scale = (float)scale;
+  prefix_attention_decode_cpu(a, n);
+  return out;
 }
 
 }  // namespace mops

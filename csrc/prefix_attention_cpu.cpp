@@ -42,7 +42,30 @@ bool run_avx2<float>(const pacpu::DecodeArgs<float>& a, int64_t lo, int64_t hi, 
   return false;
 #endif
 }
+// Every (b, kv head) of a filled DecodeArgs: the avx2 copy for fp32 when the CPU runs it, on the
+// helper pool when there is enough work.
+template <typename T>
+void run_decode(const pacpu::DecodeArgs<T>& a, int64_t B) {
+  const int64_t Hkv = a.Hkv, D = a.D;
+  const bool avx2 = std::is_same<T, float>::value && isa::avx2_compiled() && isa::active() == isa::kAvx2;
+  const int64_t mk = pacpu::max_keys(a);
+  const int64_t item = std::max<int64_t>(1, 2 * a.G * mk * D);  // multiply-adds of one (b, kv head)
+  const int64_t grain = std::max<int64_t>(1, cpupool::kMinParallelWork / item);
+  auto run = [&](int64_t lo, int64_t hi) {
+    thread_local std::vector<float> f;
+    thread_local std::vector<const void*> rows;
+    f.resize(pacpu::scratch_floats(a));
+    rows.resize(2 * mk);
+    const pacpu::Scratch sc{f.data(), f.data() + a.G * D, f.data() + a.G * D + a.G * mk,
+                            f.data() + 2 * a.G * D + a.G * mk, rows.data(), rows.data() + mk};
+    if (avx2 && run_avx2(a, lo, hi, sc)) return;
+    for (int64_t i = lo; i < hi; ++i) pacpu::base::decode_one(a, i / Hkv, i % Hkv, sc);
+  };
+  cpupool::parallel_chunks(B * Hkv, grain, B * Hkv * item, run);
+}
 }  // namespace
+
+void prefix_attention_decode_cpu(const pacpu::DecodeArgs<float>& a, int64_t B) { run_decode(a, B); }
 
 at::Tensor prefix_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 const c10::optional<at::Tensor>& prefix_k,
@@ -63,21 +86,7 @@ at::Tensor prefix_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     pacpu::DecodeArgs<scalar_t> a{};
     paargs::fill_common_args(a, in, out, scale);
     a.G = Hq / Hkv; a.D = D;
-    const bool avx2 = std::is_same<scalar_t, float>::value && isa::avx2_compiled() && isa::active() == isa::kAvx2;
-    const int64_t mk = pacpu::max_keys(a);
-    const int64_t item = std::max<int64_t>(1, 2 * a.G * mk * D);  // multiply-adds of one (b, kv head)
-    const int64_t grain = std::max<int64_t>(1, cpupool::kMinParallelWork / item);
-    auto run = [&](int64_t lo, int64_t hi) {
-      thread_local std::vector<float> f;
-      thread_local std::vector<const void*> rows;
-      f.resize(pacpu::scratch_floats(a));
-      rows.resize(2 * mk);
-      const pacpu::Scratch sc{f.data(), f.data() + a.G * D, f.data() + a.G * D + a.G * mk,
-                              f.data() + 2 * a.G * D + a.G * mk, rows.data(), rows.data() + mk};
-      if (avx2 && run_avx2(a, lo, hi, sc)) return;
-      for (int64_t i = lo; i < hi; ++i) pacpu::base::decode_one(a, i / Hkv, i % Hkv, sc);
-    };
-    cpupool::parallel_chunks(B * Hkv, grain, B * Hkv * item, run);
+    run_decode(a, B);
   });
   return out;
 }

@@ -41,6 +41,7 @@ struct DecodeArgs {
   const float* w;                               // prefix_weight [B, kk] contiguous, or nullptr
   const int32_t* lens;                          // prefix_lens [E], or nullptr (= P)
   const uint8_t* mask;                          // attention_mask [B, S] contiguous, or nullptr
+  const int64_t* mask64; int64_t smb;           // or an int64 mask, row stride smb (the decode step's cache mask)
   T* out; int64_t sob, soh;                     // out [B, Hq, 1, D]
   int64_t Hkv, G, S, P, D;
   float scale;
@@ -232,6 +233,7 @@ void decode_one(const DecodeArgs<T>& a, int64_t b, int64_t hkv, const Scratch& s
   const T* vb = a.v + b * a.svb + hkv * a.svh;
   for (int64_t s = 0; s < a.S; ++s) {
     if (a.mask && a.mask[b * a.S + s] == 0) continue;
+    if (a.mask64 && a.mask64[b * a.smb + s] == 0) continue;
     sc.krows[n] = kb + s * a.sks;
     sc.vrows[n] = vb + s * a.svs;
     sc.bias[n++] = 0.f;

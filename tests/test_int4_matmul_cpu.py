@@ -195,11 +195,22 @@ def test_decode_attention_cpu_checks_its_arguments():
     mask = torch.ones(B, L, dtype=torch.long)
     ok = dict(y=y, cos=cs, sin_s=cs, K=K, V=V, pos=torch.tensor([0, 3]))
 
+    pool = torch.randn(4, 3, Hkv, D)
+
     def call(**kw):
         a = {**ok, **kw}
-        return ext.decode_attention_cpu(a["y"], a["cos"], a["sin_s"], a["K"], a["V"], a["pos"], None, None, None,
-                                        None, None, mask, kw.get("S", 4), Hq, 0.25)
+        return ext.decode_attention_cpu(a["y"], a["cos"], a["sin_s"], a["K"], a["V"], a["pos"], a.get("pk"),
+                                        a.get("pv"), a.get("idx"), a.get("w"), a.get("lens"), mask, kw.get("S", 4),
+                                        Hq, 0.25)
     assert call().shape == (2, Hq * D)
+    assert call(pk=pool, pv=pool, idx=torch.tensor([[0, -1], [3, 2]], dtype=torch.int32)).shape == (2, Hq * D)
+    with pytest.raises(RuntimeError, match=r"prefix_index values must lie in \[-1, E\)"):
+        call(pk=pool, pv=pool, idx=torch.tensor([[0, 4], [1, 2]], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"prefix_lens values must lie in \[0, P\]"):
+        call(pk=pool, pv=pool, idx=torch.tensor([[0, 1], [1, 2]], dtype=torch.int32),
+             lens=torch.tensor([3, 4, 0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="prefix_k/prefix_v must be float32"):
+        call(pk=pool[:, :, :1], pv=pool[:, :, :1], idx=torch.zeros(2, 1, dtype=torch.int32))
     with pytest.raises(RuntimeError, match=r"pos\[1\] = 4 must lie in \[0, S = 4\)"):
         call(pos=torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="S must lie in"):
