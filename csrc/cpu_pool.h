@@ -6,9 +6,10 @@
 //       plus helpers (up to at::get_num_threads() threads in all); serial inside another parallel
 //       region, with one thread, or when `work` (multiply-adds) is below kMinParallelWork.
 //       f must not throw and must write disjoint outputs per chunk.
-//       `after` (optional): memory the first helper reads once its chunks are done, while the
+//       `after` (optional): memory the first helper prefetches once its chunks are done, while the
 //       caller goes on (a decode step's next weight matrix: the Python and attention work between
-//       two GEMVs hides its DRAM latency). It stops at the next job; nothing waits for it.
+//       two GEMVs hides its DRAM latency). It stops at the next job; nothing waits for it, and it
+//       may be freed meanwhile (prefetches never fault).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -20,7 +21,7 @@ namespace cpupool {
 // share is shorter than what it costs to hand it over.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
-// Up to three byte ranges to read ahead (null pointers / 0 bytes: none).
+// Up to three byte ranges to prefetch (null pointers / 0 bytes: none).
 struct Prefetch {
   const void* ptr[3] = {nullptr, nullptr, nullptr};
   int64_t bytes[3] = {0, 0, 0};
