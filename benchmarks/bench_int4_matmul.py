@@ -5,7 +5,7 @@
     python benchmarks/bench_int4_matmul.py --decode   # CPU, M = 1 on every SmolLM2 matrix, < 1 min
 
 Shapes are N x K (y = x @ W^T, x [M, K]); M (tokens) is swept over 1, 2, 4, 8, 16.
-CPU: `--ms 24,32` adds ours/cpu-kernel-tiles (the kernel forced onto its dequantized tiles + BLAS,
+CPU: `--ms 32,64` adds ours/cpu-kernel-tiles (the kernel forced onto its dequantized tiles + BLAS,
 MOPS_INT4_CPU_GEMV_MAX_M=16) beside the GEMV passes it runs there by default.
 CPU: SmolLM2-135M's matrices: 1536x576 (MLP up/gate), 576x1536 (MLP down), 49152x576 (the
 Q8_0 tied embedding / output head). GPU: 4096x4096 and 4096x11008 (Llama-7B-like), 4-bit G=128
@@ -178,7 +178,7 @@ def main():
                 kern = _backend.extension().int4_matmul_cpu
                 call = lambda: (lambda w: kern(x, w.qweight, w.scale, w.min, w.group_size, w.bits))(qws[next(turn)])
                 bench.run("ours/cpu-kernel", call, **common)
-                if 16 < M <= 32:   # the path it replaced there: dequantized tiles + BLAS
+                if 16 < M <= 64:   # the path it replaced there: dequantized tiles + BLAS
                     os.environ["MOPS_INT4_CPU_GEMV_MAX_M"] = "16"
                     try:
                         bench.run("ours/cpu-kernel-tiles", call, **common)

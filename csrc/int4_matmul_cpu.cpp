@@ -2,7 +2,7 @@
 //   int4_matmul_cpu(x [M, K], qweight, scale, min, group_size, bits) -> y [M, N] in x's dtype
 //   int4_matmul_backward_cpu(dy [M, N], qweight, scale, min, group_size, bits) -> dx [M, K]
 // Kernels: int4_matmul_cpu_kernel.h. M <= 16 runs the fused GEMV kernels (each decoded chunk is
-// reused for all M rows), and so does 4-bit M <= 32 in passes over each chunk (max_gemv_m); larger
+// reused for all M rows), and so does 4-bit M <= 64 in passes over each chunk (max_gemv_m); larger
 // M dequantizes tiles of rows to fp32 and calls at::mm per tile.
 // The GEMV kernels exist twice: the baseline copy here (namespace int4cpu::base) and the AVX2 one
 // (int4_matmul_cpu_avx2.cpp); each call takes the one cpu_isa.h says this CPU runs.
@@ -42,13 +42,14 @@ using int4cpu::base::kMaxGemvM;
 
 // Rows of x up to which the GEMV kernels run (M > kMaxGemvM: in passes of rows_per_pass rows over
 // each chunk of weight rows, which stays in L1/L2 meanwhile); above, dequantized tiles + at::mm
-// (the tiles write and re-read the whole weight in fp32, BLAS then runs near the FMA peak). With
-// both threads, the passes win up to M = 32 for 4-bit weights (at most 8 passes: K = 1536 stops at
-// M = 32) and the tiles at M = 64; the 8-bit kernel loses to the tiles beyond 16 rows.
-// `python3 benchmarks/bench_int4_matmul.py --ms 24,32` times both (ours/cpu-kernel,
+// (the tiles write and re-read the whole weight in fp32, and each tile is an OpenMP region: under
+// OMP_WAIT_POLICY=PASSIVE, which our programs set, every region wakes sleeping workers). With gaps
+// between calls, as in a prefill, the passes win up to M = 64 for 4-bit weights while they are at
+// most 8 (K = 576: M <= 64; K = 1536: M <= 32); the 8-bit kernel loses to the tiles beyond 16 rows.
+// `python3 benchmarks/bench_int4_matmul.py --ms 32,64` times both (ours/cpu-kernel,
 // ours/cpu-kernel-tiles). MOPS_INT4_CPU_GEMV_MAX_M (read per call) lowers the bound: benchmarks and
 // tests of the tile path.
-constexpr int64_t kMaxPassedM = 32;
+constexpr int64_t kMaxPassedM = 64;
 constexpr int64_t kMaxPasses = 8;
 int64_t rows_per_pass(int64_t K);
 int64_t max_gemv_m(int64_t K, int64_t bits) {
