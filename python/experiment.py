@@ -11,6 +11,8 @@ JSON + PNG.
     python python/experiment.py --data data/bigbench --small --ship mops_kernels/data
         # + write the first seed's MoPs (bank + gate + mops.json) into the named directory, only
         #   if it beats the no-prompt model on the held-out test items (CI of the difference < 0)
+    python python/experiment.py --data data/bigbench --small --ship mops_kernels/data --ship-only
+        # the same from the finished run, nothing trained again
 
 Federated (--no-federated skips it): the same arms on Flower, --clients non-IID clients x --rounds x
 --local-steps (the MoPs gate pretrained centrally first; mops_kernels.training.federated).
@@ -85,6 +87,9 @@ def main(argv=None):
     ap.add_argument("--no-federated", action="store_true")
     ap.add_argument("--ship", default=None, metavar="DIR",
                     help="write the first seed's MoPs into DIR if it beats the no-prompt model on test items")
+    ap.add_argument("--ship-only", action="store_true",
+                    help="with --ship: no training, ship from the finished run in --runs / --results (same "
+                         "settings); the results JSON gains its 'ship' entry")
     argv = sys.argv[1:] if argv is None else argv
     setting = "smoke" if "--smoke" in argv else "small" if "--small" in argv else "custom"
     if setting in SETTINGS:
@@ -100,6 +105,8 @@ def main(argv=None):
         kw[f.name] = v
     cfg = ex.ExperimentConfig(**kw)
     run_dir = os.path.join(args.runs, setting)
+    if args.ship_only:
+        return ship_finished(args, cfg, run_dir)
     if os.path.isdir(run_dir) and os.listdir(run_dir) and not args.resume:
         raise SystemExit(f"{run_dir} holds an earlier run: pass --resume to continue it, or another --runs")
 
@@ -123,6 +130,33 @@ def main(argv=None):
         json.dump(doc, f, indent=1, default=float)
     print(ex.table(doc))
     print(f"wrote {args.results} and {ex.plot(doc, os.path.splitext(args.results)[0] + '.png')}")
+    return doc
+
+
+def ship_finished(args, cfg, run_dir):
+    """--ship-only: ship() from a finished run (its results JSON and prompts), nothing trained again;
+    refuses a run made with other settings or one that did not finish."""
+    if not args.ship:
+        raise SystemExit("--ship-only needs --ship DIR")
+    try:
+        with open(args.results) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--ship-only: no finished run's results at {args.results} ({e})")
+    if doc.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))) and not args.override_config:
+        raise SystemExit(f"--ship-only: {args.results} was made with other settings (pass the run's own "
+                         "flags, or --override-config)")
+    if "wall_seconds_total" not in doc:
+        raise SystemExit(f"--ship-only: the run behind {args.results} did not finish")
+    from mops_kernels.integrations.backbone import load_backbone
+    model, tok = load_backbone(args.backbone, device=args.device)
+    tok.padding_side = "right"
+    doc["ship"] = ship(model, tok, args, cfg, run_dir, args.ship)
+    doc["ship"]["command"] = "python python/experiment.py " + " ".join(sys.argv[1:])
+    tmp = args.results + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, default=float)
+    os.replace(tmp, args.results)
     return doc
 
 

@@ -76,6 +76,19 @@ def test_bank_save_load(tmp_path):
     assert torch.equal(back.lens, bank.lens)
 
 
+def test_bank_save_load_keeps_the_trained_layer_log_weights(tmp_path):
+    """A bank with per-layer log-weights saves them with the prompts (they train with them) and
+    loads them back: the file once held only keys/values/lens, and loading it then failed."""
+    bank = PromptBank(4, [2, 3], 3, 5, 2, 8, layer_log_weight=-6.0)
+    with torch.no_grad():
+        bank.layer_log_weight.copy_(torch.tensor([-1.25, 0.5]))
+    bank.save(str(tmp_path / "b.safetensors"))
+    back = PromptBank.load(str(tmp_path / "b.safetensors"))
+    assert torch.equal(back.layer_log_weight, bank.layer_log_weight)
+    idx = torch.tensor([[0, 2]], dtype=torch.int32)
+    assert torch.equal(back.prefix_weight(3, None, idx), bank.prefix_weight(3, None, idx))
+
+
 @pytest.mark.parametrize("kw,name", [(dict(inject_layers=[4]), "inject_layers"),
                                      (dict(inject_layers=[1, 1]), "inject_layers"),
                                      (dict(num_experts=0), "num_experts"),

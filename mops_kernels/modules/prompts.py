@@ -252,7 +252,10 @@ class PromptBank(nn.Module):
                 raise ValueError(f"prompt bank built for {name}={mine}, model has {name}={theirs}")
 
     def save(self, path: str) -> None:
-        save_tensors(path, {"keys": self.keys, "values": self.values, "lens": self.lens}, self.config())
+        tensors = {"keys": self.keys, "values": self.values, "lens": self.lens}
+        if self.layer_log_weight is not None:           # trained with the prompts: it is part of them
+            tensors["layer_log_weight"] = self.layer_log_weight
+        save_tensors(path, tensors, self.config())
 
     def check_lens(self) -> None:
         """Raise ValueError unless every lens value lies in [0, P]. The bank is where slot lengths
