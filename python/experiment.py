@@ -151,8 +151,10 @@ def ship_finished(args, cfg, run_dir):
     from mops_kernels.integrations.backbone import load_backbone
     model, tok = load_backbone(args.backbone, device=args.device)
     tok.padding_side = "right"
-    doc["ship"] = ship(model, tok, args, cfg, run_dir, args.ship)
-    doc["ship"]["command"] = "python python/experiment.py " + " ".join(sys.argv[1:])
+    shipped_by = "python python/experiment.py " + " ".join(sys.argv[1:])
+    doc["ship"] = ship(model, tok, args, cfg, run_dir, args.ship, trained_by=doc.get("command"),
+                       shipped_by=shipped_by)
+    doc["ship"]["command"] = shipped_by
     tmp = args.results + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, default=float)
@@ -160,7 +162,7 @@ def ship_finished(args, cfg, run_dir):
     return doc
 
 
-def ship(model, tok, args, cfg, run_dir, dest):
+def ship(model, tok, args, cfg, run_dir, dest, trained_by=None, shipped_by=None):
     """Score the first seed's MoPs and the bare model on the test split; copy the MoPs into `dest`
     only if ex.should_ship says it beats the bare model there."""
     from mops_kernels.integrations.hf import attach, detach  # noqa: F401 (attach via the trainer)
@@ -195,7 +197,8 @@ def ship(model, tok, args, cfg, run_dir, dest):
         first.setdefault(row["task"], {"task": row["task"], "input": row["input"], "target": row["target"]})
     summ = json.load(open(args.results)).get("seeds", {}).get(str(seed), {}).get("mops", {})
     meta.update(tasks=names, separator=cfg.separator, routing=summ.get("routing"), test_vs_no_prompt=verdict,
-                trained_by="python python/experiment.py " + " ".join(sys.argv[1:]),
+                trained_by=trained_by or "python python/experiment.py " + " ".join(sys.argv[1:]),
+                shipped_by=shipped_by or "python python/experiment.py " + " ".join(sys.argv[1:]),
                 examples=[first[t] for t in names if t in first])
     with open(os.path.join(dest, "mops.json"), "w") as f:
         json.dump(meta, f, indent=1)

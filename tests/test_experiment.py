@@ -248,3 +248,31 @@ def test_every_arm_starts_as_a_no_op_on_smollm2():
         assert abs(step0 - none) <= 0.02 * none, (arm, none, step0)
         # (IAPT through a second norm pass: +5 nats after two steps)
         assert abs(step2 - none) <= 0.1 * none, (arm, none, step2)
+
+
+def test_ship_only_refuses_without_a_finished_run_of_the_same_settings(tmp_path):
+    """experiment.py --ship-only ships from a finished run and nothing else: it needs --ship, a
+    results JSON of the same settings, and one that finished (all refused before any model loads)."""
+    import dataclasses
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "experiment_prog", os.path.join(os.path.dirname(__file__), "..", "python", "experiment.py"))
+    prog = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prog)
+    res = tmp_path / "r.json"
+    base = ["--data", str(tmp_path), "--smoke", "--runs", str(tmp_path / "runs"), "--results", str(res)]
+    with pytest.raises(SystemExit, match="needs --ship"):
+        prog.main(base + ["--ship-only"])
+    with pytest.raises(SystemExit, match="no finished run"):
+        prog.main(base + ["--ship-only", "--ship", str(tmp_path / "d")])
+    real, seen = prog.ship_finished, []
+    prog.ship_finished = lambda args, cfg, run_dir: seen.append(cfg)      # the settings main builds
+    prog.main(base + ["--ship-only", "--ship", str(tmp_path / "d")])
+    prog.ship_finished = real
+    cfg = json.loads(json.dumps(dataclasses.asdict(seen[0])))
+    res.write_text(json.dumps({"config": cfg}))
+    with pytest.raises(SystemExit, match="did not finish"):
+        prog.main(base + ["--ship-only", "--ship", str(tmp_path / "d")])
+    res.write_text(json.dumps({"config": {**cfg, "steps": cfg["steps"] + 1}, "wall_seconds_total": 1.0}))
+    with pytest.raises(SystemExit, match="other settings"):
+        prog.main(base + ["--ship-only", "--ship", str(tmp_path / "d")])
