@@ -25,11 +25,6 @@ void prefix_attention_decode_cpu(const pacpu::DecodeArgs<float>& a, int64_t B);
 
 namespace {
 
-// t as a contiguous tensor of `dtype` (itself when it already is one)
-at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
-}
-
 // dst[d] = x[d] * c[d] + x[(d + D/2) % D] * s[d]: two rounded products, then their rounded sum (no
 // fused multiply-add), so the result equals the aten expression bit for bit.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -80,6 +75,15 @@ at::Tensor decode_attention_cpu(const at::Tensor& y, const at::Tensor& cos, cons
     TORCH_CHECK(p[b] >= 0 && p[b] < S, op, ": pos[", b, "] = ", p[b], " must lie in [0, S = ", S, ")");
 
   at::Tensor q = at::empty({n, Hq, 1, D}, y.options());
+  // Every check before the cache is written: the prefix arguments as prefix_attention_cpu checks
+  // them. q, the full caches (their strides; S bounds the columns) and the int64 mask go in as are.
+  paargs::Inputs in;
+  in.B = n; in.Hq = Hq; in.Hkv = Hkv; in.D = D; in.S = S;
+  in.q = q; in.k = K; in.v = V;
+  paargs::check_prefix_pool(op, in, at::kFloat, y.device(), prefix_k, prefix_v, prefix_index, prefix_weight,
+                            prefix_lens, /*check_values=*/true);
+  TORCH_CHECK(mask.device().is_cpu(), op, ": mask must be a CPU tensor");
+  const at::Tensor m = mask.scalar_type() == at::kLong && mask.stride(1) == 1 ? mask : mask.ne(0).to(at::kLong);
   const float* yp = y.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin_s.data_ptr<float>();
@@ -95,47 +99,13 @@ at::Tensor decode_attention_cpu(const at::Tensor& y, const at::Tensor& cos, cons
       std::memcpy(vp + at_pos, yr + (Hq + Hkv + j) * D, sizeof(float) * D);
     }
   }
+  at::Tensor out = at::empty({n, Hq, 1, D}, y.options());
   pacpu::DecodeArgs<float> a{};
-  a.q = qp; a.sqb = Hq * D; a.sqh = D;
-  a.k = kp; a.skb = Hkv * L * D; a.skh = L * D; a.sks = D;
-  a.v = vp; a.svb = Hkv * L * D; a.svh = L * D; a.svs = D;
-  const at::Tensor m = mask.scalar_type() == at::kLong && mask.stride(1) == 1 ? mask : mask.ne(0).to(at::kLong);
-  TORCH_CHECK(m.device().is_cpu(), op, ": mask must be a CPU tensor");
+  paargs::fill_common_args(a, in, out, scale);
+  a.G = Hq / Hkv; a.D = D;
   a.mask64 = m.data_ptr<int64_t>(); a.smb = m.stride(0);
-  at::Tensor pk, pv, idx, w, lens;
-  if (prefix_k.has_value() && prefix_index.has_value()) {
-    TORCH_CHECK(prefix_v.has_value(), op, ": prefix_v is required with prefix_k");
-    pk = prefix_k->stride(-1) == 1 ? *prefix_k : prefix_k->contiguous();
-    pv = prefix_v->stride(-1) == 1 ? *prefix_v : prefix_v->contiguous();
-    TORCH_CHECK(pk.device().is_cpu() && pk.scalar_type() == at::kFloat && pk.dim() == 4 && pk.size(2) == Hkv &&
-                    pk.size(3) == D && pv.sizes() == pk.sizes() && pv.scalar_type() == at::kFloat && pv.device().is_cpu(),
-                op, ": prefix_k/prefix_v must be float32 CPU tensors (E, P, Hkv = ", Hkv, ", D = ", D, ")");
-    const int64_t E = pk.size(0), P = pk.size(1);
-    idx = as_contiguous(*prefix_index, at::kInt);
-    TORCH_CHECK(idx.dim() == 2 && idx.size(0) == n, op, ": prefix_index must have shape (n, kk)");
-    TORCH_CHECK(paargs::values_within(idx, -1, E - 1), op, ": prefix_index values must lie in [-1, E)");
-    if (prefix_weight.has_value()) {
-      w = as_contiguous(*prefix_weight, at::kFloat);
-      TORCH_CHECK(w.sizes() == idx.sizes(), op, ": prefix_weight must have shape (n, kk)");
-    }
-    if (prefix_lens.has_value()) {
-      lens = as_contiguous(*prefix_lens, at::kInt);
-      TORCH_CHECK(lens.dim() == 1 && lens.size(0) == E, op, ": prefix_lens must have shape (E,)");
-      TORCH_CHECK(paargs::values_within(lens, 0, P), op, ": prefix_lens values must lie in [0, P]");
-    }
-    a.pk = pk.data_ptr<float>(); a.spke = pk.stride(0); a.spkp = pk.stride(1); a.spkh = pk.stride(2);
-    a.pv = pv.data_ptr<float>(); a.spve = pv.stride(0); a.spvp = pv.stride(1); a.spvh = pv.stride(2);
-    a.idx = idx.data_ptr<int32_t>(); a.kk = idx.size(1);
-    a.w = w.defined() ? w.data_ptr<float>() : nullptr;
-    a.lens = lens.defined() ? lens.data_ptr<int32_t>() : nullptr;
-    a.P = P;
-  }
-  at::Tensor out = at::empty({n, Hq * D}, y.options());
-  a.out = out.data_ptr<float>(); a.sob = Hq * D; a.soh = D;
-  a.Hkv = Hkv; a.G = Hq / Hkv; a.S = S; a.D = D;
-  a.scale = (float)scale;
   prefix_attention_decode_cpu(a, n);
-  return out;
+  return out.view({n, Hq * D});
 }
 
 }  // namespace mops

@@ -148,7 +148,7 @@ void gemv_q8(const float* xp, const int8_t* q, const uint16_t* s, float* y, int6
 }  // namespace
 
 // int4_matmul_cpu with the GEMV path's read-ahead of the next weight (`after`, may be null).
-at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+static at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                                 const c10::optional<at::Tensor>& min, int64_t group_size, int64_t bits,
                                 const cpupool::Prefetch* after) {
   check_weight(qweight, scale, min, group_size, bits);
@@ -251,11 +251,10 @@ at::Tensor int4_matmul_cpu_pre(const at::Tensor& x, const at::Tensor& qweight, c
       next.bytes[i] = (*nx[i])->nbytes();
       has_next = true;
     }
-  at::Tensor xn = pre == 0 ? x : at::empty({M, K}, x.options());
+  at::Tensor xn = pre == 0 ? x : at::empty({M, K}, x.options());  // pre = 0: x itself
   const float* xi = x.data_ptr<float>();
   float* o = xn.data_ptr<float>();
-  if (pre == 0) {
-  } else if (pre == 1) {
+  if (pre == 1) {
     TORCH_CHECK(norm_weight.has_value() && norm_weight->device().is_cpu() &&
                     norm_weight->scalar_type() == at::kFloat && norm_weight->is_contiguous() &&
                     norm_weight->numel() == K,
@@ -268,7 +267,7 @@ at::Tensor int4_matmul_cpu_pre(const at::Tensor& x, const at::Tensor& qweight, c
       const float r = 1.f / std::sqrt((float)(ss / K) + (float)eps);
       for (int64_t c = 0; c < K; ++c) o[m * K + c] = (xr[c] * r) * w[c];
     }
-  } else {
+  } else if (pre == 2) {
     for (int64_t m = 0; m < M; ++m) {  // SiLU(gate) * up, as torch: g / (1 + exp(-g)) * u
       const float* g = xi + m * 2 * K;
       const float* u = g + K;

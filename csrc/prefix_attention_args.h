@@ -58,6 +58,49 @@ struct Inputs {
   bool has_prefix = false;
 };
 
+// t on `device` as a contiguous tensor of `dtype`: t itself when it already is one (no aten call).
+inline at::Tensor as_contiguous(const at::Tensor& t, at::Device device, at::ScalarType dtype) {
+  return t.device() == device && t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(device, dtype).contiguous();
+}
+
+// The prefix pool, index, weights and lens of a call whose in.B, in.Hkv and in.D are set, checked
+// and normalised into `in` (pool of `dtype` on `device`); see check_prefix_attention_args.
+inline void check_prefix_pool(const char* op, Inputs& in, at::ScalarType dtype, at::Device device,
+                              const c10::optional<at::Tensor>& prefix_k, const c10::optional<at::Tensor>& prefix_v,
+                              const c10::optional<at::Tensor>& prefix_index,
+                              const c10::optional<at::Tensor>& prefix_weight,
+                              const c10::optional<at::Tensor>& prefix_lens, bool check_values) {
+  in.has_prefix = prefix_k.has_value() && prefix_index.has_value();
+  if (in.has_prefix) {
+    TORCH_CHECK(prefix_v.has_value(), op, ": prefix_v is required with prefix_k");
+    in.pk = last_dim_contig(*prefix_k);
+    in.pv = last_dim_contig(*prefix_v);
+    TORCH_CHECK(in.pk.dim() == 4 && in.pk.size(2) == in.Hkv && in.pk.size(3) == in.D &&
+                    in.pv.sizes() == in.pk.sizes(),
+                op, ": prefix_k/prefix_v must have shape (E, P, Hkv, D)");
+    TORCH_CHECK(in.pk.scalar_type() == dtype && in.pv.scalar_type() == dtype &&
+                    in.pk.device() == device && in.pv.device() == device,
+                op, ": prefix_k/prefix_v must have q's dtype and device");
+    in.E = in.pk.size(0);
+    in.P = in.pk.size(1);
+    in.idx = as_contiguous(*prefix_index, device, at::kInt);
+    TORCH_CHECK(in.idx.dim() == 2 && in.idx.size(0) == in.B, op, ": prefix_index must have shape (B, kk)");
+    in.kk = in.idx.size(1);
+    if (check_values && in.idx.numel())
+      TORCH_CHECK(values_within(in.idx, -1, in.E - 1), op, ": prefix_index values must lie in [-1, E)");
+    if (prefix_weight.has_value()) {
+      in.w = as_contiguous(*prefix_weight, device, at::kFloat);
+      TORCH_CHECK(in.w.sizes() == in.idx.sizes(), op, ": prefix_weight must have shape (B, kk)");
+    }
+    if (prefix_lens.has_value()) {
+      in.lens = as_contiguous(*prefix_lens, device, at::kInt);
+      TORCH_CHECK(in.lens.dim() == 1 && in.lens.size(0) == in.E, op, ": prefix_lens must have shape (E,)");
+      if (check_values && in.E)
+        TORCH_CHECK(values_within(in.lens, 0, in.P), op, ": prefix_lens values must lie in [0, P]");
+    }
+  }
+}
+
 // Checks shapes, dtypes and devices (q, k, v, and the prefix pool, on one device of type
 // `device_type`), each message prefixed by `op`, and returns the normalised arguments.
 // check_values: also check the prefix_index values lie in [-1, E) and the prefix_lens values in
@@ -93,35 +136,8 @@ inline Inputs check_prefix_attention_args(const char* op, const at::Tensor& q_in
   in.k = last_dim_contig(k_in);
   in.v = last_dim_contig(v_in);
 
-  in.has_prefix = prefix_k.has_value() && prefix_index.has_value();
-  if (in.has_prefix) {
-    TORCH_CHECK(prefix_v.has_value(), op, ": prefix_v is required with prefix_k");
-    in.pk = last_dim_contig(*prefix_k);
-    in.pv = last_dim_contig(*prefix_v);
-    TORCH_CHECK(in.pk.dim() == 4 && in.pk.size(2) == in.Hkv && in.pk.size(3) == in.D &&
-                    in.pv.sizes() == in.pk.sizes(),
-                op, ": prefix_k/prefix_v must have shape (E, P, Hkv, D)");
-    TORCH_CHECK(in.pk.scalar_type() == in.q.scalar_type() && in.pv.scalar_type() == in.q.scalar_type() &&
-                    in.pk.device() == device && in.pv.device() == device,
-                op, ": prefix_k/prefix_v must have q's dtype and device");
-    in.E = in.pk.size(0);
-    in.P = in.pk.size(1);
-    in.idx = prefix_index->to(device, at::kInt).contiguous();
-    TORCH_CHECK(in.idx.dim() == 2 && in.idx.size(0) == in.B, op, ": prefix_index must have shape (B, kk)");
-    in.kk = in.idx.size(1);
-    if (check_values && in.idx.numel())
-      TORCH_CHECK(values_within(in.idx, -1, in.E - 1), op, ": prefix_index values must lie in [-1, E)");
-    if (prefix_weight.has_value()) {
-      in.w = prefix_weight->to(device, at::kFloat).contiguous();
-      TORCH_CHECK(in.w.sizes() == in.idx.sizes(), op, ": prefix_weight must have shape (B, kk)");
-    }
-    if (prefix_lens.has_value()) {
-      in.lens = prefix_lens->to(device, at::kInt).contiguous();
-      TORCH_CHECK(in.lens.dim() == 1 && in.lens.size(0) == in.E, op, ": prefix_lens must have shape (E,)");
-      if (check_values && in.E)
-        TORCH_CHECK(values_within(in.lens, 0, in.P), op, ": prefix_lens values must lie in [0, P]");
-    }
-  }
+  check_prefix_pool(op, in, in.q.scalar_type(), device, prefix_k, prefix_v, prefix_index, prefix_weight,
+                    prefix_lens, check_values);
   if (attention_mask.has_value()) {
     const at::Tensor& m = *attention_mask;
     TORCH_CHECK(m.dim() == 2 && m.size(0) == in.B && m.size(1) == in.S, op, ": attention_mask must have shape (B, S)");

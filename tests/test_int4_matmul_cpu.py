@@ -210,8 +210,15 @@ def test_decode_attention_cpu_checks_its_arguments():
     with pytest.raises(RuntimeError, match=r"prefix_lens values must lie in \[0, P\]"):
         call(pk=pool, pv=pool, idx=torch.tensor([[0, 1], [1, 2]], dtype=torch.int32),
              lens=torch.tensor([3, 4, 0, 1], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="prefix_k/prefix_v must be float32"):
+    with pytest.raises(RuntimeError, match=r"prefix_k/prefix_v must have shape \(E, P, Hkv, D\)"):
         call(pk=pool[:, :, :1], pv=pool[:, :, :1], idx=torch.zeros(2, 1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="prefix_k/prefix_v must have q's dtype"):
+        call(pk=pool.double(), pv=pool.double(), idx=torch.zeros(2, 1, dtype=torch.int32))
+    # a refused call writes nothing into the caches
+    K0, V0 = K.clone(), V.clone()
+    with pytest.raises(RuntimeError, match="prefix_index values"):
+        call(pk=pool, pv=pool, idx=torch.full((2, 1), 7, dtype=torch.int32), pos=torch.tensor([1, 2]))
+    assert torch.equal(K, K0) and torch.equal(V, V0)
     with pytest.raises(RuntimeError, match=r"pos\[1\] = 4 must lie in \[0, S = 4\)"):
         call(pos=torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="S must lie in"):
