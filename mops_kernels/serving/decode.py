@@ -11,9 +11,10 @@
   position lens[b], prefix attention, o_proj, one int4 matmul for gate/up (fused likewise),
   act(gate) * up, down_proj. On the CPU kernel the RMSNorms, SiLU * up and the residual sums run
   inside the matmul's call that reads them (`int4_matmul_cpu_pre`), not as separate aten ops, and
-  each call has its helper thread read the next weight ahead (`next_weight`). Linears that are not Int4Linear (or do not share bits/group/K) run one
-  by one. The attention backend for T = 1 is picked once per layer from the op's registry and called
-  directly (the op's argument checks read values on the host); value checks happen where data
+  each call has its helper thread read the next weight ahead (`next_weight`). Linears that are not
+  Int4Linear (or do not share bits/group/K) run one by one. The attention backend for T = 1 is
+  picked once per layer from the op's registry and called directly (the op's argument checks read
+  values on the host); value checks happen where data
   enters the Engine (submit, the gate's output). On the CPU with fp32 and the C++ kernel, rotary +
   cache write + attention run as one compiled call per layer (`decode_attention_cpu`, the same
   arithmetic: csrc/decode_step_cpu.cpp). The step reads nothing on the host and has static
