@@ -5,8 +5,9 @@
     python benchmarks/bench_int4_matmul.py --decode   # CPU, M = 1 on every SmolLM2 matrix, < 1 min
 
 Shapes are N x K (y = x @ W^T, x [M, K]); M (tokens) is swept over 1, 2, 4, 8, 16.
-CPU: `--ms 32,64` adds ours/cpu-kernel-tiles (the kernel forced onto its dequantized tiles + BLAS,
-MOPS_INT4_CPU_GEMV_MAX_M=16) beside the GEMV passes it runs there by default.
+CPU: `--ms 32,64` (any M >= 12) adds ours/cpu-kernel-no-gemm (the kernel with its AVX-512 GEMM off,
+MOPS_INT4_CPU_GEMM_MIN_M=1000000: the GEMV passes) and, for 16 < M <= 64, ours/cpu-kernel-tiles
+(dequantized tiles + BLAS, MOPS_INT4_CPU_GEMV_MAX_M=16) beside what it runs by default.
 CPU: SmolLM2-135M's matrices: 1536x576 (MLP up/gate), 576x1536 (MLP down), 49152x576 (the
 Q8_0 tied embedding / output head). GPU: 4096x4096 and 4096x11008 (Llama-7B-like), 4-bit G=128
 (the group size torch's int4 kernel is usually run with) plus the SmolLM2 head in 8-bit.
@@ -109,6 +110,9 @@ def main():
     ap.add_argument("--decode", action="store_true",
                     help="M = 1 only, on all SmolLM2 decode shapes (q/o, k/v, gate/up, down, head)")
     ap.add_argument("--ms", default="1,2,4,8,16", help="token counts M to sweep")
+    ap.add_argument("--with-aten", action="store_true",
+                    help="CPU: also time an aten SiLU * up [M, 1536] alone and right after each kernel call "
+                         "(a prefill's OpenMP region between two of our calls: the helper pool must yield)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
@@ -178,12 +182,21 @@ def main():
                 kern = _backend.extension().int4_matmul_cpu
                 call = lambda: (lambda w: kern(x, w.qweight, w.scale, w.min, w.group_size, w.bits))(qws[next(turn)])
                 bench.run("ours/cpu-kernel", call, **common)
-                if 16 < M <= 64:   # the path it replaced there: dequantized tiles + BLAS
-                    os.environ["MOPS_INT4_CPU_GEMV_MAX_M"] = "16"
+                if args.with_aten:
+                    ga, gb = torch.randn(M, 1536), torch.randn(M, 1536)
+                    silu_up = lambda: torch.nn.functional.silu(ga) * gb
+                    bench.run("aten silu*up alone", silu_up, **common)
+                    bench.run("ours/cpu-kernel then silu*up", lambda: (call(), silu_up()), **common)
+                if M >= 12:   # the paths the AVX-512 GEMM replaced there: GEMV (passes), dequantized tiles + BLAS
+                    os.environ["MOPS_INT4_CPU_GEMM_MIN_M"] = "1000000"
                     try:
-                        bench.run("ours/cpu-kernel-tiles", call, **common)
+                        bench.run("ours/cpu-kernel-no-gemm", call, **common)
+                        if 16 < M <= 64:
+                            os.environ["MOPS_INT4_CPU_GEMV_MAX_M"] = "16"
+                            bench.run("ours/cpu-kernel-tiles", call, **common)
                     finally:
-                        del os.environ["MOPS_INT4_CPU_GEMV_MAX_M"]
+                        os.environ.pop("MOPS_INT4_CPU_GEMV_MAX_M", None)
+                        del os.environ["MOPS_INT4_CPU_GEMM_MIN_M"]
     bench.summary(baseline="float matmul")
 
 

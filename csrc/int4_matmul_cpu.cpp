@@ -3,7 +3,8 @@
 //   int4_matmul_backward_cpu(dy [M, N], qweight, scale, min, group_size, bits) -> dx [M, K]
 // Kernels: int4_matmul_cpu_kernel.h. M <= 16 runs the fused GEMV kernels (each decoded chunk is
 // reused for all M rows), and so does 4-bit M <= 64 in passes over each chunk (max_gemv_m); larger
-// M dequantizes tiles of rows to fp32 and calls at::mm per tile.
+// M dequantizes tiles of rows to fp32 and calls at::mm per tile. On an AVX-512 CPU, M >= 12
+// (gemm_min_m) runs the GEMM kernels instead (12-row dequantized panels, register-blocked).
 // The GEMV kernels exist twice: the baseline copy here (namespace int4cpu::base) and the AVX2 one
 // (int4_matmul_cpu_avx2.cpp); each call takes the one cpu_isa.h says this CPU runs.
 #include <ATen/Parallel.h>
@@ -32,6 +33,9 @@ void q4_chunk_avx512(const float* xp, const float* xsum, const uint8_t* q, const
                      int64_t pass, int64_t b, int64_t e, int64_t K128);
 int64_t wide_columns_avx512(int64_t K, int64_t G, bool allow);
 bool has_avx512();  // CPUID: AVX-512 F, BW and VL
+void gemm_pack_x_avx512(const float* x, float* xt, int64_t M, int64_t K);
+void gemm_chunk_avx512(const float* xt, const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y,
+                       int64_t M, int64_t N, int64_t K, int64_t G, int bits, int64_t b, int64_t e, float* w);
 void q8_chunk_avx2(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M,
                    int64_t N, int64_t K, int64_t G, int64_t pass, int64_t b, int64_t e);
 }  // namespace int4cpu
@@ -129,6 +133,35 @@ void gemv_q4(const float* xp, const float* xsum, const uint8_t* q, const uint16_
   }, after);
 }
 
+// Rows of x from which an AVX-512 CPU runs the GEMM kernels (int4_matmul_cpu_kernel.h, "GEMM")
+// instead of the GEMV passes or the dequantized tiles; MOPS_INT4_CPU_GEMM_MIN_M (read per call)
+// moves the bound (tests and benchmarks compare the paths).
+constexpr int64_t kGemmMinM = 12;
+int64_t gemm_min_m() {
+  const char* env = std::getenv("MOPS_INT4_CPU_GEMM_MIN_M");
+  return env != nullptr && env[0] != '\0' ? std::max<long>(1, std::strtol(env, nullptr, 10)) : kGemmMinM;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// y [M, N] = x W^T with the GEMM kernels: x packed once (transposed blocks), panels of 12 weight
+// rows dequantized by the thread that runs them, in chunks on the helper pool.
+void gemm(const float* x, const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y, int64_t M,
+          int64_t N, int64_t K, int64_t G, int bits, const cpupool::Prefetch* after) {
+  const int64_t nr = int4cpu::base::kGemmNR;
+  thread_local std::vector<float> packed;
+  packed.resize((M + 31) / 32 * 32 * K);
+  int4cpu::gemm_pack_x_avx512(x, packed.data(), M, K);
+  const float* xt = packed.data();
+  const int64_t panels = (N + nr - 1) / nr;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (nr * K * M));
+  cpupool::parallel_chunks(panels, grain, M * N * K, [&](int64_t b, int64_t e) {
+    thread_local std::vector<float> w;
+    w.resize(nr * K);
+    int4cpu::gemm_chunk_avx512(xt, q, s, mn, y, M, N, K, G, bits, b * nr, std::min(N, e * nr), w.data());
+  }, after);
+}
+#endif
+
 void gemv_q8(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M, int64_t N,
              int64_t K, int64_t G, const cpupool::Prefetch* after) {
   const int64_t pass = rows_per_pass(K);
@@ -166,6 +199,14 @@ static at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qw
   const at::Tensor xf = f32 && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
   const uint16_t* mn = bits == 4 ? half_ptr(*min) : nullptr;
   if (M == 0) return at::empty({0, N}, x.options());
+#if defined(__x86_64__) || defined(__i386__)
+  if (M >= gemm_min_m() && isa::active() == isa::kAvx2 && int4cpu::has_avx512()) {
+    at::Tensor y = at::empty({M, N}, xf.options());
+    gemm(xf.data_ptr<float>(), reinterpret_cast<const uint8_t*>(qweight.data_ptr()), half_ptr(scale), mn,
+         y.data_ptr<float>(), M, N, K, group_size, (int)bits, after);
+    return f32 ? y : y.to(x.scalar_type());
+  }
+#endif
 
   if (M <= max_gemv_m(K, bits)) {
     // x in the kernels' order (+ per-group sums) in a per-thread scratch buffer: two tensor

@@ -483,6 +483,119 @@ inline void dequant_rows(const uint8_t* qw, const uint16_t* scale, const uint16_
   }
 }
 
+constexpr int kGemmNR = 12;  // weight rows per GEMM panel (the glue splits N in panels)
+constexpr int kGemmMR = 32;  // rows of x per GEMM block
+
+#ifdef MOPS_INT4_AVX512
+// ---- GEMM (many rows of x: a prefill), AVX-512 ---------------------------------------------------
+// The register-blocked outer product of a BLAS kernel, on weights dequantized per panel:
+//   - x is packed once per call, transposed, in blocks of up to kGemmMR = 32 rows (xt [K][rows of the
+//     block]; a last block of <= 16 rows holds 16): one k step loads the block's column as 1-2 vectors;
+//   - each thread dequantizes kGemmNR = 12 weight rows at a time into fp32 [12][K] (natural column
+//     order; rows past N are zeros), which stays in L1/L2 while every x block runs against it;
+//   - the tile: 12 x 32 outputs in 24 accumulators, per k 2 vector loads of x, 12 broadcasts of a
+//     weight and 24 FMAs (FMA-bound), then written to y [M, N] (only the rows and columns that exist).
+// Each output is a plain fp32 sum over k in order of x[m, k] * (q * s + mn) (8-bit: q * s).
+// Rows of the x block that starts at row m0 (of M): 32, or 16 for a last block of <= 16 rows.
+inline int gemm_block_rows(int64_t M, int64_t m0) { return M - m0 > 16 ? kGemmMR : 16; }
+
+// x [M, K] -> xt: block b (rows m0 = 32 b ..) at xt + m0 * K, laid out [K][gemm_block_rows], zero
+// rows past M.
+inline void gemm_pack_x(const float* x, float* xt, int64_t M, int64_t K) {
+  for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
+    const int R = gemm_block_rows(M, m0);
+    const int rows = (int)(M - m0 < R ? M - m0 : R);
+    float* o = xt + m0 * K;
+    for (int64_t k = 0; k < K; ++k) {
+      int i = 0;
+      for (; i < rows; ++i) o[k * R + i] = x[(m0 + i) * K + k];
+      for (; i < R; ++i) o[k * R + i] = 0.f;
+    }
+  }
+}
+
+// Weight rows [n, n + 12) of W (rows >= N: zeros) as fp32 [12][K] in natural column order.
+inline void gemm_panel(const uint8_t* qw, const uint16_t* scale, const uint16_t* mins, int64_t N,
+                       int64_t K, int64_t G, int bits, int64_t n, float* w) {
+  const int64_t ng = K / G;
+  const GroupOf gof(G);
+  // 4-bit: byte i of a 32-column block holds columns 2i (low nibble) and 2i + 1 (high nibble)
+  alignas(64) int32_t i0[16], i1[16];
+  for (int j = 0; j < 16; ++j) {
+    i0[j] = (j % 2 ? 16 : 0) + j / 2;
+    i1[j] = (j % 2 ? 16 : 0) + 8 + j / 2;
+  }
+  const __m512i idx0 = _mm512_load_si512(i0), idx1 = _mm512_load_si512(i1);
+  for (int r = 0; r < kGemmNR; ++r) {
+    float* o = w + r * K;
+    if (n + r >= N) {
+      std::memset(o, 0, sizeof(float) * K);
+      continue;
+    }
+    for (int64_t c = 0; c < K; c += 32) {
+      const int64_t g = (n + r) * ng + gof(c);
+      const __m512 s = _mm512_set1_ps(half_to_float(scale[g]));
+      if (bits == 4) {
+        const __m512 mn = _mm512_set1_ps(half_to_float(mins[g]));
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qw + (n + r) * (K / 2) + c / 2)));
+        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f))), s, mn);
+        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, mn);
+        _mm512_storeu_ps(o + c, _mm512_permutex2var_ps(lo, idx0, hi));
+        _mm512_storeu_ps(o + c + 16, _mm512_permutex2var_ps(lo, idx1, hi));
+      } else {
+        const int8_t* p = reinterpret_cast<const int8_t*>(qw) + (n + r) * K + c;
+        const __m128i* pv = reinterpret_cast<const __m128i*>(p);
+        _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(pv))), s));
+        _mm512_storeu_ps(o + c + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(pv + 1))), s));
+      }
+    }
+  }
+}
+
+// out [12][16 MV] = W panel [12][K] x (x block [K][16 MV])^T.
+template <int MV>
+inline void gemm_tile(const float* xt, const float* w, int64_t K, float* out) {
+  __m512 acc[kGemmNR][MV];
+#pragma GCC unroll 12
+  for (int r = 0; r < kGemmNR; ++r)
+    for (int i = 0; i < MV; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 xv[MV];
+    for (int i = 0; i < MV; ++i) xv[i] = _mm512_loadu_ps(xt + k * 16 * MV + 16 * i);
+#pragma GCC unroll 12
+    for (int r = 0; r < kGemmNR; ++r) {
+      const __m512 b = _mm512_set1_ps(w[r * K + k]);
+      for (int i = 0; i < MV; ++i) acc[r][i] = _mm512_fmadd_ps(xv[i], b, acc[r][i]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kGemmNR; ++r)
+    for (int i = 0; i < MV; ++i) _mm512_storeu_ps(out + r * 16 * MV + 16 * i, acc[r][i]);
+}
+
+// One thread's share: output columns [b, e) of y [M, N] (b a multiple of 12), x packed by
+// gemm_pack_x, w a [12][K] fp32 scratch buffer of this thread.
+inline void gemm_chunk(const float* xt, const uint8_t* qw, const uint16_t* scale, const uint16_t* mins,
+                       float* y, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int64_t b,
+                       int64_t e, float* w) {
+  alignas(64) float out[kGemmNR * kGemmMR];
+  for (int64_t n = b; n < e; n += kGemmNR) {
+    gemm_panel(qw, scale, mins, N, K, G, bits, n, w);
+    const int cols = (int)(e - n < kGemmNR ? e - n : kGemmNR);
+    for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
+      const int R = gemm_block_rows(M, m0);
+      if (R == kGemmMR)
+        gemm_tile<2>(xt + m0 * K, w, K, out);
+      else
+        gemm_tile<1>(xt + m0 * K, w, K, out);
+      const int rows = (int)(M - m0 < R ? M - m0 : R);
+      for (int i = 0; i < rows; ++i)
+        for (int r = 0; r < cols; ++r) y[(m0 + i) * N + n + r] = out[r * R + i];
+    }
+  }
+}
+#endif  // MOPS_INT4_AVX512
+
 // One thread's share of a GEMV call (M <= the glue's max_gemv_m, at most 64): output rows [b, e) of y [M, N],
 // rows of x in passes of `pass` (<= kMaxGemvM) (xp / xsum zero-padded to a multiple of 4 rows).
 inline void q4_chunk(const float* xp, const float* xsum, const uint8_t* q, const uint16_t* s,

@@ -267,7 +267,7 @@ CPU_ODD = [(4, 32, 576), (4, 32, 1536), (4, 64, 1536), (4, 128, 1536), (4, 32, 6
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the compiled extension")
 @pytest.mark.parametrize("bits,G,K", CPU_ODD)
 @pytest.mark.parametrize("N", [1, 7, 195])       # not multiples of the M = 1 kernel's 4-row step
-@pytest.mark.parametrize("M", [1, 3, 17, 65])     # 4-row GEMV, tiled GEMV, GEMV passes, dequantized tiles + BLAS
+@pytest.mark.parametrize("M", [1, 3, 17, 65])     # 4-row GEMV, tiled GEMV, then the AVX-512 GEMM (else GEMV passes, tiles + BLAS)
 @pytest.mark.parametrize("dtype,_tol", DTYPES[:1])
 def test_cpu_odd_shapes(force_backend, bits, G, K, N, M, dtype, _tol):
     force_backend("cpu")

@@ -23,6 +23,7 @@ def _kernel(x, qw):
 @pytest.mark.parametrize("N", [1, 7, 195])        # 4-row steps and the rows left over
 @pytest.mark.parametrize("M", [1, 3, 8, 16])      # the M = 1 kernel, then the tiled GEMV
 def test_both_layouts_match_fp64(monkeypatch, G, K, N, M):
+    monkeypatch.setenv("MOPS_INT4_CPU_GEMM_MIN_M", "1000000")  # the GEMV kernels, not the GEMM
     w = torch.randn(N, K) * 0.05 + 0.01 * torch.randn(N, 1)
     qw = quantize(w, bits=4, group_size=G)
     x = torch.randn(M, K)
@@ -43,7 +44,9 @@ def test_gemv_passes_and_dequantized_tiles_agree(monkeypatch, bits, G, K, N, M):
     """4-bit 17 <= M <= 64 runs the GEMV kernels in passes over each chunk of weight rows (at most
     8 passes: K = 1536 stops at 32);
     MOPS_INT4_CPU_GEMV_MAX_M=16 sends the same call to the dequantized tiles + BLAS (what larger M,
-    and 8-bit M > 16, run). Both equal the fp64 product, and each other within fp32 rounding."""
+    and 8-bit M > 16, run). Both equal the fp64 product, and each other within fp32 rounding. (On an
+    AVX-512 CPU these M run the GEMM kernels: moved out of the way here, tested below.)"""
+    monkeypatch.setenv("MOPS_INT4_CPU_GEMM_MIN_M", "1000000")
     qw = quantize(torch.randn(N, K) * 0.05, bits=bits, group_size=G)
     x = torch.randn(M, K)
     ref = x.double() @ qw.dequantize(torch.float64).t()
@@ -77,6 +80,52 @@ def test_an_avx512_cpu_takes_the_wide_layout(monkeypatch):
     narrow = _kernel(x, qw)
     monkeypatch.setenv("MOPS_INT4_CPU_AVX512", "1")
     assert not torch.equal(_kernel(x, qw), narrow)
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
+                    reason="the CPU has no AVX-512 F/BW/VL: no GEMM kernels")
+@pytest.mark.parametrize("bits,G,K,N", [(4, 32, 576, 195), (4, 64, 1536, 37), (4, 128, 640, 7),
+                                        (4, 32, 96, 12), (8, 32, 576, 33), (8, 32, 64, 1)])
+@pytest.mark.parametrize("M", [1, 5, 12, 16, 17, 33, 37, 64, 100])
+def test_gemm_matches_fp64_and_the_other_paths(monkeypatch, bits, G, K, N, M):
+    """The AVX-512 GEMM kernels (panels of 12 dequantized weight rows against blocks of 32 or 16
+    transposed rows of x): N that leaves a part panel (7, 37, 195), M that leaves part blocks of x
+    (5, 17, 37, 100) or exactly fills them, every group size, 8-bit. MOPS_INT4_CPU_GEMM_MIN_M=1 sends
+    every M there; they equal the fp64 product, and the GEMV / tile paths within fp32 rounding."""
+    if _backend.extension().cpu_isa() != "avx2":
+        pytest.skip("the avx2 kernels are not the active ones")
+    qw = quantize(torch.randn(N, K) * 0.05 + 0.01 * torch.randn(N, 1), bits=bits, group_size=G)
+    x = torch.randn(M, K)
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    outs = {}
+    for bound in ("1", "1000000"):
+        monkeypatch.setenv("MOPS_INT4_CPU_GEMM_MIN_M", bound)
+        outs[bound] = y = _kernel(x, qw)
+        assert y.shape == (M, N) and not torch.isnan(y).any()
+        assert rel_err(y, ref) <= 1e-5, (bound, rel_err(y, ref))
+    torch.testing.assert_close(outs["1"], outs["1000000"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
+                    reason="the CPU has no AVX-512 F/BW/VL: no GEMM kernels")
+def test_an_avx512_cpu_runs_many_rows_on_the_gemm(monkeypatch):
+    """By default 12 rows and more take the GEMM kernels (its sums are ordered differently, so its
+    bits differ from the GEMV passes'), 11 rows the GEMV; bf16 x takes it too."""
+    if _backend.extension().cpu_isa() != "avx2":
+        pytest.skip("the avx2 kernels are not the active ones")
+    qw = quantize(torch.randn(64, 1536), bits=4, group_size=32)
+    for m, gemm in ((12, True), (40, True), (11, False)):
+        x = torch.randn(m, 1536)
+        monkeypatch.delenv("MOPS_INT4_CPU_GEMM_MIN_M", raising=False)
+        default = _kernel(x, qw)
+        monkeypatch.setenv("MOPS_INT4_CPU_GEMM_MIN_M", "1000000")
+        assert torch.equal(default, _kernel(x, qw)) != gemm, m
+        monkeypatch.setenv("MOPS_INT4_CPU_GEMM_MIN_M", "1")
+        assert torch.equal(default, _kernel(x, qw)) == gemm, m
+    monkeypatch.delenv("MOPS_INT4_CPU_GEMM_MIN_M")
+    xb = torch.randn(20, 1536).bfloat16()
+    yb = _kernel(xb, qw)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, _kernel(xb.float(), qw).bfloat16())
 
 
 
