@@ -73,6 +73,26 @@ def extension_has_cuda() -> bool:
     return mod is not None and bool(getattr(mod, "WITH_CUDA", False))
 
 
+# The two variables every dispatch reads, straight from os.environ's own store: os.environ.get costs
+# ~0.5 us for an unset variable (a KeyError inside), a tenth of a small decode GEMV; the store is
+# what os.environ reads and writes (putenv included), so a value set at any time is seen at once.
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_KEYS = None
+if isinstance(_ENV_STORE, dict) and hasattr(os.environ, "encodekey"):
+    try:
+        _ENV_KEYS = (os.environ.encodekey("MOPS_BACKEND"), os.environ.encodekey("TRITON_INTERPRET"))
+    except Exception:
+        _ENV_KEYS = None
+
+
+def _dispatch_env() -> tuple:
+    """(MOPS_BACKEND, TRITON_INTERPRET) as raw values (None when unset): a memo key, not for parsing."""
+    if _ENV_KEYS is not None:
+        return _ENV_STORE.get(_ENV_KEYS[0]), _ENV_STORE.get(_ENV_KEYS[1])
+    env = os.environ
+    return env.get("MOPS_BACKEND"), env.get("TRITON_INTERPRET")
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -203,8 +223,7 @@ def dispatch(op: str, device: torch.device, *case) -> Impl:
     at all, in pick's order (only the forced one under MOPS_BACKEND), are memoised with the picks;
     the first whose `supports` holds is the answer pick would give, so only those `supports` run.
     A call none of them takes, or a pick not yet announced, goes the slow way (its errors, its log)."""
-    env = os.environ
-    key = ("order", op, device.type, env.get("MOPS_BACKEND", ""), env.get("TRITON_INTERPRET", "0"))
+    key = ("order", op, device.type, _dispatch_env())
     order = _picked.get(key)
     if order is None:
         order = _picked[key] = _candidates(op, device)
@@ -241,8 +260,7 @@ def pick(op: str, device: torch.device, supported: Optional[Iterable[str]] = Non
     Memoised on everything the answer depends on (the environment variables included), since
     hot paths call it for every op of every decode step."""
     supported = tuple(_REGISTRY.get(op, {}) if supported is None else supported)
-    env = os.environ
-    key = (op, device.type, supported, env.get("MOPS_BACKEND", ""), env.get("TRITON_INTERPRET", "0"))
+    key = (op, device.type, supported, _dispatch_env())
     hit = _picked.get(key)
     if hit is not None:
         return hit

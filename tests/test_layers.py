@@ -8,6 +8,7 @@ import pathlib
 import pytest
 import torch
 
+import mops_kernels
 from mops_kernels import _backend
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "mops_kernels"
@@ -221,6 +222,21 @@ def test_mops_backend_per_op(clean_picks, spec, default, per_op):
     clean_picks.setenv("MOPS_BACKEND", spec)
     for op in _backend.OPS:
         assert _backend.forced(op) == per_op.get(op, default)
+
+
+def test_dispatch_sees_mops_backend_set_at_any_time(clean_picks):
+    """dispatch memoises on MOPS_BACKEND / TRITON_INTERPRET read from os.environ's own store (fast):
+    setting, changing or removing either between two calls changes the answer at once."""
+    x = torch.randn(2, 64)
+    qw = mops_kernels.int4_quantize(torch.randn(8, 64), group_size=32)
+    clean_picks.delenv("MOPS_BACKEND", raising=False)
+    first = _backend.dispatch("int4_matmul", x.device, x, qw).backend
+    clean_picks.setenv("MOPS_BACKEND", "int4_matmul:torch")
+    assert _backend._dispatch_env()[0] is not None
+    assert _backend.dispatch("int4_matmul", x.device, x, qw).backend == "torch"
+    clean_picks.delenv("MOPS_BACKEND")
+    assert _backend._dispatch_env()[0] is None
+    assert _backend.dispatch("int4_matmul", x.device, x, qw).backend == first
 
 
 @pytest.mark.parametrize("spec,match", [("gpu", "'gpu' names no backend"),
