@@ -179,6 +179,29 @@ def test_engine_int4_steps_only_busy_rows_and_matches_generate(monkeypatch):
     assert ra.tokens == _hf_alone(model, prompts[1], 2) and rb.tokens == _hf_alone(model, prompts[2], 7)
 
 
+def test_lean_prefill_equals_the_modules_prefill(monkeypatch):
+    """The prefill on the decode step's kernel calls (norms and residuals inside them, q/k/v as one
+    call) gives the first-token logits of the prefill through the model's modules within fp32
+    rounding, and the same tokens, with a gated mixture, mixed prompt lengths (right padding)."""
+    model = _int4_tiny(seed=5)
+    mops = tiny_mops(model, with_gate=True)
+    prompts = _prompts(3, seed=31)
+    out = {}
+    for lean in (False, True):
+        monkeypatch.setattr(Engine, "lean_prefill", lean)
+        eng = Engine(model, mops, max_batch=3, max_len=48, eos_token_id=[])
+        assert all(ly is not None for ly in eng._lean)       # every layer can take it
+        first = []
+        orig = eng._prefill
+        monkeypatch.setattr(eng, "_prefill", lambda reqs: first.append(orig(reqs)) or first[-1])
+        reqs = [eng.submit(p, max_new_tokens=6) for p in prompts]
+        eng.run_until_done()
+        out[lean] = (torch.cat(first), [r.tokens for r in reqs])
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out[True][0], out[False][0])      # the other path did run (its own rounding)
+    assert out[True][1] == out[False][1]
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_engine_int4_families_match_generate(family):
     """Qwen2's q/k/v biases ride along the fused int4 matmul; Mistral's layers share Llama's path."""

@@ -139,10 +139,17 @@ class Engine:
         self.cache = SlotCache(plan, self.L, self.Hkv, self.D, max_batch, max_len, kk, self.dtype, dev)
         self.decoder = DecodeStep(model, self.layers, self.cache, Hq=self.Hq, Hkv=self.Hkv, D=self.D,
                                   max_len=max_len, dtype=self.dtype, device=dev, fuse=fuse)
+        # the prefill's projections on the decode step's CPU kernel calls (norms and residual sums
+        # inside them, q/k/v as one call): a layer whose four projections all have them, else None
+        self._lean = [ly if dev.type == "cpu" and self.dtype == torch.float32 and ly.gate_up is not None and
+                      all(p.pre is not None for p in (ly.qkv, ly.o, ly.gate_up, ly.down)) else None
+                      for ly in self.decoder.lean]
         use_graph = bool(cuda_graph and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 7)
         self.graphs = DecodeGraphs(lambda n, S: self._decode_step(n, S), self.cache, max_batch, max_len,
                                    use_graph)
         self._next_id = 0
+
+    lean_prefill = True   # False: the prefill through the model's own modules (A/B and tests)
 
     # views kept for callers of the one-file Engine
     slots = property(lambda self: self.sched.slots)
@@ -347,6 +354,29 @@ class Engine:
         h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
+    # The same two halves of a layer on the CPU kernel calls of the decode step's LeanLayer `ly`
+    # (self._lean): each RMSNorm inside its projection's call, q/k/v one call, the residual sums
+    # inside o's and down's calls: no aten op between them but rotary, SiLU * up and attention,
+    # where each aten op on a [64, 576] activation is an OpenMP region that wakes a sleeping worker
+    # under OMP_WAIT_POLICY=PASSIVE. SiLU * up stays aten here: the kernels' pre = 2 evaluates exp
+    # per element (right for decode's few rows, slow for a prompt's).
+    def _qkv_lean(self, ly, layer, h, cos, sin):
+        B, T, H = h.shape
+        qkv = ly.qkv.normed(h.reshape(B * T, H), layer.input_layernorm)
+        nq, nk = self.Hq * self.D, self.Hkv * self.D
+        q = qkv[:, :nq].view(B, T, self.Hq, self.D).transpose(1, 2)
+        k = qkv[:, nq:nq + nk].view(B, T, self.Hkv, self.D).transpose(1, 2)
+        v = qkv[:, nq + nk:].view(B, T, self.Hkv, self.D).transpose(1, 2)
+        q, k = self.rope(q, k, cos, sin)
+        return q, k, v
+
+    def _finish_lean(self, ly, layer, h, o):
+        B, T, H = h.shape
+        h2 = ly.o.add(o.transpose(1, 2).reshape(B * T, -1), h.reshape(B * T, H))
+        gu = ly.gate_up.normed(h2, layer.post_attention_layernorm)
+        act = ly.act or torch.nn.functional.silu
+        return ly.down.add(act(gu[:, :ly.inter]) * gu[:, ly.inter:], h2).view(B, T, H)
+
     def _position_offset(self, prompt_set, expert_index) -> int:
         """A request's position shift, decided at submit: its set's (PEFT prefix tuning shifts by its
         virtual tokens); none for a request that uses no slot (the plain model)."""
@@ -396,12 +426,16 @@ class Engine:
             if l in c.iapt:
                 pk, pv = plan.generator_prefix(layer, l, h, pad)
                 c.iapt[l][0][slots], c.iapt[l][1][slots] = pk, pv
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
+            ly = self._lean[l] if self.lean_prefill else None
+            if ly is not None:
+                q, k, v = self._qkv_lean(ly, layer, h, cos, sin)
+            else:
+                q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
             c.K[l][slots, :, :T], c.V[l][slots, :, :T] = k, v
             pk, pv, idx, w, lens = c.prefix(l, slots)
             o = run_prefix_attention(q, k, v, pk, pv, idx, w, lens=lens, mask=pad, causal=True,
                                      scale=layer.self_attn.scaling)
-            h = self._finish_layer(layer, h, o)
+            h = self._finish_layer(layer, h, o) if ly is None else self._finish_lean(ly, layer, h, o)
             for gl, gate, rows, off, size in gates:
                 if l == gl:
                     if len(rows) == n:                    # every request: no gather
