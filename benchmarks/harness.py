@@ -58,8 +58,25 @@ def device_name(device: str) -> str:
     return f"CPU {name} x{torch.get_num_threads()} threads"
 
 
+def source_commit() -> Optional[str]:
+    """The repository's HEAD commit, "+dirty" when tracked files differ from it (the row then timed
+    code no commit holds), or None outside a git checkout."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "commit": source_commit()}
     for mod in ("triton", "transformers"):
         try:
             out[mod] = __import__(mod).__version__
