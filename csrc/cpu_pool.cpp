@@ -205,16 +205,10 @@ class HelperPool {
   void loop() {
     uint64_t seen = gen_.load(std::memory_order_acquire);
     for (;;) {
-      // spin for kSpinUs, then sleep until the next job. Every 16th turn yields the core: between
-      // our calls aten runs OpenMP regions (a prefill's norms, SiLU, adds, attention), whose worker
-      // would otherwise wait behind this spinning helper for the rest of its 300 us (measured: a
-      // 64 x 1536 SiLU * up took ~300 us between two int4 calls instead of ~20 us).
+      // spin for kSpinUs, then sleep until the next job
       auto t0 = std::chrono::steady_clock::now();
       for (int i = 0; gen_.load(std::memory_order_acquire) == seen; ++i) {
-        if ((i & 15) == 15)
-          std::this_thread::yield();
-        else
-          cpu_relax();
+        cpu_relax();
         if ((i & 255) == 255 &&
             std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(kSpinUs)) {
           std::unique_lock<std::mutex> lk(mu_);
