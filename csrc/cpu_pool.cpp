@@ -153,6 +153,8 @@ class HelperPool {
     }
   }
 
+  bool busy(int threads) { return machine_busy(threads); }
+
  private:
   // Prefetches each 64-byte line of each range into this core's L2 (and so the shared L3), until
   // done or until the caller publishes the next job. Prefetch instructions never fault: the caller
@@ -182,7 +184,7 @@ class HelperPool {
   // True when the 1-minute load average says other processes keep every core busy (load >=
   // threads + 1: our caller and spinning helpers count for `threads`): a helper would then mostly
   // wait for a core, and its spinning would take time from the caller. Read every 100 ms.
-  bool machine_busy(int threads) {
+  bool machine_busy(int threads) {  // (public: parallel_chunks asks it for the OpenMP path too)
     const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
                             std::chrono::steady_clock::now().time_since_epoch()).count();
     if (now - load_checked_ms_.load(std::memory_order_relaxed) >= 100) {
@@ -250,11 +252,40 @@ class HelperPool {
 
 }  // namespace
 
+// True when OpenMP's workers spin after a region (libgomp's default; OMP_WAIT_POLICY=ACTIVE):
+// OMP_WAIT_POLICY is not PASSIVE and GOMP_SPINCOUNT is not 0, read once (libgomp read them when
+// it loaded). Spinning workers join a region within ~1 us, and a helper of ours spinning beside
+// them would hold up every aten region after our calls, and they our calls (measured, a drop-in
+// Hugging Face forward of 64 tokens: 111-134 ms with our helpers, 104 ms without any): so then our
+// chunks run on OpenMP's threads instead (at::parallel_for), one team of spinning threads in all.
+bool openmp_spins() {
+  static const bool spins = [] {
+    const char* p = std::getenv("OMP_WAIT_POLICY");
+    const char* c = std::getenv("GOMP_SPINCOUNT");
+    const bool passive = p != nullptr && (p[0] == 'p' || p[0] == 'P');
+    const bool zero = c != nullptr && c[0] == '0' && c[1] == '\0';
+    return !passive && !zero;
+  }();
+  return spins;
+}
+
 void parallel_chunks(int64_t n, int64_t grain, int64_t work, const std::function<void(int64_t, int64_t)>& f,
                      const Prefetch* after) {
   const int threads = at::get_num_threads();
   if (threads <= 1 || n <= grain || work < kMinParallelWork || at::in_parallel_region()) {
     f(0, n);
+    return;
+  }
+  const char* mode = std::getenv("MOPS_INT4_CPU_HELPERS");  // "1": always our helpers (tests)
+  if (openmp_spins() && !(mode && mode[0] == '1')) {
+    if (HelperPool::get().busy(threads) || (mode && mode[0] == '0')) {
+      f(0, n);
+      return;
+    }
+    const int64_t chunks = (n + grain - 1) / grain;
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      f(b * grain, std::min(n, e * grain));
+    });
     return;
   }
   HelperPool::get().run(n, grain, threads, f, after, work / ((n + grain - 1) / grain));

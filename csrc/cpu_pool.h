@@ -6,6 +6,10 @@
 //       plus helpers (up to at::get_num_threads() threads in all); serial inside another parallel
 //       region, with one thread, or when `work` (multiply-adds) is below kMinParallelWork.
 //       f must not throw and must write disjoint outputs per chunk.
+//       Where OpenMP's workers spin after a region (its default wait policy: neither
+//       OMP_WAIT_POLICY=PASSIVE nor GOMP_SPINCOUNT=0), the chunks run on OpenMP's threads instead
+//       (at::parallel_for; `after` is then not read ahead): two teams of spinning threads on the
+//       same cores would hold each other up.
 //       `after` (optional): memory the first helper prefetches once its chunks are done, while the
 //       caller goes on (a decode step's next weight matrix: the Python and attention work between
 //       two GEMVs hides its DRAM latency). It stops at the next job; nothing waits for it, and it

@@ -303,13 +303,18 @@ def test_cpu_helper_threads_change_nothing(force_backend, monkeypatch, bits, G, 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS or not hasattr(__import__("os"), "fork"),
                     reason="needs the compiled extension and os.fork")
-def test_cpu_helpers_after_fork(force_backend, monkeypatch):
+@pytest.mark.parametrize("helpers", ["1", "auto"])
+def test_cpu_helpers_after_fork(force_backend, monkeypatch, helpers):
     """A child forked after the helpers started has none of them: it must still compute every
-    row (alone) and not wait for a helper that does not exist."""
+    row (alone) and not wait for a helper that does not exist. "auto": the pool's own choice, which
+    under OpenMP's default (spinning) wait policy is OpenMP's threads (cpu_pool.cpp)."""
     import os
     import time
     force_backend("cpu")
-    monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", "1")
+    if helpers == "auto":
+        monkeypatch.delenv("MOPS_INT4_CPU_HELPERS", raising=False)
+    else:
+        monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", helpers)
     qw = _case(4, 32, 576, 1539)
     x = torch.randn(1, 576)
     want = int4_matmul(x, qw)            # starts the helpers in this process
