@@ -280,18 +280,23 @@ def test_cpu_odd_shapes(force_backend, bits, G, K, N, M, dtype, _tol):
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the compiled extension")
 @pytest.mark.parametrize("bits,G,K,N", [(4, 32, 576, 1539), (4, 64, 1536, 579), (8, 32, 576, 3001)])
-@pytest.mark.parametrize("M", [1, 5])
-def test_cpu_helper_threads_change_nothing(force_backend, monkeypatch, bits, G, K, N, M):
-    """Chunks of output rows go to helper threads (MOPS_INT4_CPU_HELPERS=1 forces them even on a
-    loaded machine): every row is computed by the same code either way, so the bits are equal, and
-    repeated calls (helpers racing the caller for chunks) give the same result every time."""
+@pytest.mark.parametrize("M", [1, 5, 40])       # 40: the AVX-512 GEMM's panels on a CPU that has it
+@pytest.mark.parametrize("helpers", ["1", "auto"])
+def test_cpu_helper_threads_change_nothing(force_backend, monkeypatch, bits, G, K, N, M, helpers):
+    """Chunks of output rows go to other threads: our helpers (MOPS_INT4_CPU_HELPERS=1 forces them
+    even on a loaded machine) or, unset, the pool's own choice (OpenMP's threads under OpenMP's
+    default wait policy, as CI runs): every row is computed by the same code either way, so the bits
+    are equal, and repeated calls (threads racing the caller for chunks) give the same result."""
     force_backend("cpu")
     qw = _case(bits, G, K, N)
     x = torch.randn(M, K)
     monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", "0")
     alone = int4_matmul(x, qw)
     _check_close(alone, x, qw, torch.float32)
-    monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", "1")
+    if helpers == "auto":
+        monkeypatch.delenv("MOPS_INT4_CPU_HELPERS")
+    else:
+        monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", helpers)
     prev = torch.get_num_threads()
     torch.set_num_threads(max(prev, 2))
     try:
