@@ -495,7 +495,8 @@ constexpr int kGemmMR = 32;  // rows of x per GEMM block
 //     order; rows past N are zeros), which stays in L1/L2 while every x block runs against it;
 //   - the tile: 12 x 32 outputs in 24 accumulators, per k 2 vector loads of x, 12 broadcasts of a
 //     weight and 24 FMAs (FMA-bound), then written to y [M, N] (only the rows and columns that exist).
-// Each output is a plain fp32 sum over k in order of x[m, k] * (q * s + mn) (8-bit: q * s).
+// Each output is an fp32 sum over k of x[m, k] * (q * s + mn) (8-bit: q * s), in order within blocks
+// of kGemmKB columns, the blocks' sums added in order.
 // Rows of the x block that starts at row m0 (of M): 32, or 16 for a last block of <= 16 rows.
 inline int gemm_block_rows(int64_t M, int64_t m0) { return M - m0 > 16 ? kGemmMR : 16; }
 
@@ -552,26 +553,35 @@ inline void gemm_panel(const uint8_t* qw, const uint16_t* scale, const uint16_t*
   }
 }
 
-// out [12][16 MV] = W panel [12][K] x (x block [K][16 MV])^T.
+// out [12][16 MV] (+)= W panel [12][k0, k0 + kn) x (x block [k0, k0 + kn)[16 MV])^T: xt and w point at
+// column k0 (w's rows are ld apart); add: out holds the earlier blocks' sums, and this block's own sum
+// (from zero) is added to them.
 template <int MV>
-inline void gemm_tile(const float* xt, const float* w, int64_t K, float* out) {
+inline void gemm_tile(const float* xt, const float* w, int64_t ld, int64_t kn, float* out, bool add) {
   __m512 acc[kGemmNR][MV];
 #pragma GCC unroll 12
   for (int r = 0; r < kGemmNR; ++r)
     for (int i = 0; i < MV; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < kn; ++k) {
     __m512 xv[MV];
     for (int i = 0; i < MV; ++i) xv[i] = _mm512_loadu_ps(xt + k * 16 * MV + 16 * i);
 #pragma GCC unroll 12
     for (int r = 0; r < kGemmNR; ++r) {
-      const __m512 b = _mm512_set1_ps(w[r * K + k]);
+      const __m512 b = _mm512_set1_ps(w[r * ld + k]);
       for (int i = 0; i < MV; ++i) acc[r][i] = _mm512_fmadd_ps(xv[i], b, acc[r][i]);
     }
   }
 #pragma GCC unroll 12
   for (int r = 0; r < kGemmNR; ++r)
-    for (int i = 0; i < MV; ++i) _mm512_storeu_ps(out + r * 16 * MV + 16 * i, acc[r][i]);
+    for (int i = 0; i < MV; ++i) {
+      float* o = out + r * 16 * MV + 16 * i;
+      _mm512_storeu_ps(o, add ? _mm512_add_ps(_mm512_loadu_ps(o), acc[r][i]) : acc[r][i]);
+    }
 }
+
+// Columns per k block of a GEMM tile: each output sums its block in order, then adds the block's sum to
+// the earlier blocks' (the rounding error grows with the block and the number of blocks, not with K).
+constexpr int64_t kGemmKB = 256;
 
 // One thread's share: output columns [b, e) of y [M, N] (b a multiple of 12), x packed by
 // gemm_pack_x, w a [12][K] fp32 scratch buffer of this thread.
@@ -584,10 +594,13 @@ inline void gemm_chunk(const float* xt, const uint8_t* qw, const uint16_t* scale
     const int cols = (int)(e - n < kGemmNR ? e - n : kGemmNR);
     for (int64_t m0 = 0; m0 < M; m0 += kGemmMR) {
       const int R = gemm_block_rows(M, m0);
-      if (R == kGemmMR)
-        gemm_tile<2>(xt + m0 * K, w, K, out);
-      else
-        gemm_tile<1>(xt + m0 * K, w, K, out);
+      for (int64_t k0 = 0; k0 < K; k0 += kGemmKB) {
+        const int64_t kn = K - k0 < kGemmKB ? K - k0 : kGemmKB;
+        if (R == kGemmMR)
+          gemm_tile<2>(xt + m0 * K + k0 * R, w + k0, K, kn, out, k0 > 0);
+        else
+          gemm_tile<1>(xt + m0 * K + k0 * R, w + k0, K, kn, out, k0 > 0);
+      }
       const int rows = (int)(M - m0 < R ? M - m0 : R);
       for (int i = 0; i < rows; ++i)
         for (int r = 0; r < cols; ++r) y[(m0 + i) * N + n + r] = out[r * R + i];

@@ -108,6 +108,23 @@ def test_gemm_matches_fp64_and_the_other_paths(monkeypatch, bits, G, K, N, M):
 
 @pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
                     reason="the CPU has no AVX-512 F/BW/VL: no GEMM kernels")
+def test_gemm_error_does_not_grow_with_k(monkeypatch):
+    """All-positive x and W (every partial sum grows): one fp32 chain over K = 16384 would be off by
+    ~8e-6 relative; the GEMM sums blocks of 256 columns and adds the blocks, so it stays near the
+    other paths' error."""
+    if _backend.extension().cpu_isa() != "avx2":
+        pytest.skip("the avx2 kernels are not the active ones")
+    K = 16384
+    qw = quantize(torch.rand(13, K) + 0.5, bits=4, group_size=32)
+    x = torch.rand(17, K) + 1.0
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    monkeypatch.setenv("MOPS_INT4_CPU_GEMM_MIN_M", "1")
+    y = _kernel(x, qw)
+    assert ((y.double() - ref).abs() / ref.abs()).max().item() < 2e-6
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
+                    reason="the CPU has no AVX-512 F/BW/VL: no GEMM kernels")
 def test_an_avx512_cpu_runs_many_rows_on_the_gemm(monkeypatch):
     """By default 12 rows and more take the GEMM kernels (its sums are ordered differently, so its
     bits differ from the GEMV passes'), 11 rows the GEMV; bf16 x takes it too."""
