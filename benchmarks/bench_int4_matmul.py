@@ -110,9 +110,6 @@ def main():
     ap.add_argument("--decode", action="store_true",
                     help="M = 1 only, on all SmolLM2 decode shapes (q/o, k/v, gate/up, down, head)")
     ap.add_argument("--ms", default="1,2,4,8,16", help="token counts M to sweep")
-    ap.add_argument("--with-aten", action="store_true",
-                    help="CPU: also time an aten SiLU * up [M, 1536] alone and right after each kernel call "
-                         "(a prefill's OpenMP region between two of our calls: the helper pool must yield)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
@@ -182,11 +179,6 @@ def main():
                 kern = _backend.extension().int4_matmul_cpu
                 call = lambda: (lambda w: kern(x, w.qweight, w.scale, w.min, w.group_size, w.bits))(qws[next(turn)])
                 bench.run("ours/cpu-kernel", call, **common)
-                if args.with_aten:
-                    ga, gb = torch.randn(M, 1536), torch.randn(M, 1536)
-                    silu_up = lambda: torch.nn.functional.silu(ga) * gb
-                    bench.run("aten silu*up alone", silu_up, **common)
-                    bench.run("ours/cpu-kernel then silu*up", lambda: (call(), silu_up()), **common)
                 if M >= 12:   # the paths the AVX-512 GEMM replaced there: GEMV (passes), dequantized tiles + BLAS
                     os.environ["MOPS_INT4_CPU_GEMM_MIN_M"] = "1000000"
                     try:

@@ -153,7 +153,7 @@ class HelperPool {
     }
   }
 
-  bool busy(int threads) { return machine_busy(threads); }
+  bool busy(int threads) { return machine_busy(threads); }  // for parallel_chunks' OpenMP path
 
  private:
   // Prefetches each 64-byte line of each range into this core's L2 (and so the shared L3), until
@@ -197,7 +197,7 @@ class HelperPool {
   // True when the 1-minute load average says other processes keep every core busy (load >=
   // threads + 1: our caller and spinning helpers count for `threads`): a helper would then mostly
   // wait for a core, and its spinning would take time from the caller. Read every 100 ms.
-  bool machine_busy(int threads) {  // (public: parallel_chunks asks it for the OpenMP path too)
+  bool machine_busy(int threads) {
     const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
                             std::chrono::steady_clock::now().time_since_epoch()).count();
     if (now - load_checked_ms_.load(std::memory_order_relaxed) >= 100) {
@@ -267,10 +267,10 @@ class HelperPool {
 
 // True when OpenMP's workers spin after a region (libgomp's default; OMP_WAIT_POLICY=ACTIVE):
 // OMP_WAIT_POLICY is not PASSIVE and GOMP_SPINCOUNT is not 0, read once (libgomp read them when
-// it loaded). Spinning workers join a region within ~1 us, and a helper of ours spinning beside
-// them would hold up every aten region after our calls, and they our calls (measured, a drop-in
-// Hugging Face forward of 64 tokens: 111-134 ms with our helpers, 104 ms without any): so then our
-// chunks run on OpenMP's threads instead (at::parallel_for), one team of spinning threads in all.
+// it loaded). A helper of ours spinning beside spinning workers would hold up every aten region
+// after our calls, and they our calls (ad hoc, a drop-in Hugging Face forward of 64 tokens: 111-134
+// ms with our helpers, 104 ms with none, 62-63 ms on OpenMP's threads): so then our chunks run on
+// OpenMP's threads instead (at::parallel_for), one team of spinning threads in all.
 bool openmp_spins() {
   static const bool spins = [] {
     const char* p = std::getenv("OMP_WAIT_POLICY");

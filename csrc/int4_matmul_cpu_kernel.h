@@ -497,6 +497,7 @@ constexpr int kGemmMR = 32;  // rows of x per GEMM block
 //     weight and 24 FMAs (FMA-bound), then written to y [M, N] (only the rows and columns that exist).
 // Each output is an fp32 sum over k of x[m, k] * (q * s + mn) (8-bit: q * s), in order within blocks
 // of kGemmKB columns, the blocks' sums added in order.
+
 // Rows of the x block that starts at row m0 (of M): 32, or 16 for a last block of <= 16 rows.
 inline int gemm_block_rows(int64_t M, int64_t m0) { return M - m0 > 16 ? kGemmMR : 16; }
 

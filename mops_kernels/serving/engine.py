@@ -340,12 +340,14 @@ class Engine:
             self.cache.tokens_in[req.slot] = tok
         return [(req, tok)]
 
+    def _heads(self, t, B, T):
+        """[B, T, H * D] (or [B * T, H * D]) -> [B, H, T, D]."""
+        return t.view(B, T, -1, self.D).transpose(1, 2)
+
     def _qkv(self, layer, x, cos, sin):
         attn = layer.self_attn
         B, T, _ = x.shape
-        q = attn.q_proj(x).view(B, T, -1, self.D).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, -1, self.D).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, -1, self.D).transpose(1, 2)
+        q, k, v = (self._heads(p(x), B, T) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         q, k = self.rope(q, k, cos, sin)
         return q, k, v
 
@@ -360,20 +362,18 @@ class Engine:
     # where each aten op on a [64, 576] activation is an OpenMP region that wakes a sleeping worker
     # under OMP_WAIT_POLICY=PASSIVE. SiLU * up stays aten here: the kernels' pre = 2 evaluates exp
     # per element (right for decode's few rows, slow for a prompt's).
-    def _qkv_lean(self, ly, layer, h, cos, sin):
+    def _qkv_lean(self, ly, h, cos, sin):
         B, T, H = h.shape
-        qkv = ly.qkv.normed(h.reshape(B * T, H), layer.input_layernorm)
-        nq, nk = self.Hq * self.D, self.Hkv * self.D
-        q = qkv[:, :nq].view(B, T, self.Hq, self.D).transpose(1, 2)
-        k = qkv[:, nq:nq + nk].view(B, T, self.Hkv, self.D).transpose(1, 2)
-        v = qkv[:, nq + nk:].view(B, T, self.Hkv, self.D).transpose(1, 2)
+        qkv = ly.qkv.normed(h.reshape(B * T, H), ly.ln1)
+        q, k, v = (self._heads(t, B, T) for t in qkv.split([self.Hq * self.D, self.Hkv * self.D,
+                                                              self.Hkv * self.D], -1))
         q, k = self.rope(q, k, cos, sin)
         return q, k, v
 
-    def _finish_lean(self, ly, layer, h, o):
+    def _finish_lean(self, ly, h, o):
         B, T, H = h.shape
         h2 = ly.o.add(o.transpose(1, 2).reshape(B * T, -1), h.reshape(B * T, H))
-        gu = ly.gate_up.normed(h2, layer.post_attention_layernorm)
+        gu = ly.gate_up.normed(h2, ly.ln2)
         act = ly.act or torch.nn.functional.silu
         return ly.down.add(act(gu[:, :ly.inter]) * gu[:, ly.inter:], h2).view(B, T, H)
 
@@ -428,14 +428,14 @@ class Engine:
                 c.iapt[l][0][slots], c.iapt[l][1][slots] = pk, pv
             ly = self._lean[l] if self.lean_prefill else None
             if ly is not None:
-                q, k, v = self._qkv_lean(ly, layer, h, cos, sin)
+                q, k, v = self._qkv_lean(ly, h, cos, sin)
             else:
                 q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
             c.K[l][slots, :, :T], c.V[l][slots, :, :T] = k, v
             pk, pv, idx, w, lens = c.prefix(l, slots)
             o = run_prefix_attention(q, k, v, pk, pv, idx, w, lens=lens, mask=pad, causal=True,
                                      scale=layer.self_attn.scaling)
-            h = self._finish_layer(layer, h, o) if ly is None else self._finish_lean(ly, layer, h, o)
+            h = self._finish_layer(layer, h, o) if ly is None else self._finish_lean(ly, h, o)
             for gl, gate, rows, off, size in gates:
                 if l == gl:
                     if len(rows) == n:                    # every request: no gather
