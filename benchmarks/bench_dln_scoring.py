@@ -110,6 +110,8 @@ def main(argv=None):
         diff = float((a - b).abs().max())
         same = bool(torch.equal(a.argmax(-1), b.argmax(-1)))
         if diff > 1e-4 or not same:
+            print("timings of the refused run (not saved): "
+                  + ", ".join(f"{k} {r['median_ms']:.1f} ms" for k, r in rows.items()))
             raise SystemExit(f"shared != concatenated at {n} tokens: max |diff| {diff:.2e}, same argmax {same}")
         note = (f"tokens run: shared {shared.stats.prefill_tokens}, concatenated {concat.stats.prefill_tokens} "
                 f"({shared.stats.shared_pairs}/{shared.stats.pairs} pairs shared); max |diff| {diff:.1e}, "

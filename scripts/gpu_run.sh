@@ -22,7 +22,7 @@
 #                 through the dispatcher (which prefers the CUDA kernels once they are built)
 #   spec6         benchmarks/spec6.py: every SPEC §6 figure and its closing table
 #   e2e           benchmarks/bench_e2e.py --batches 32,8,1: B=32 first, each batch size on its own
-#   dln           benchmarks/bench_dln_scoring.py --device cuda --shape .gpu_shape: shared-prefix vs
+#   dln           (after tests_triton, while the extension builds) benchmarks/bench_dln_scoring.py --device cuda --shape .gpu_shape: shared-prefix vs
 #                 concatenated DLN scoring on SmolLM2's shape with random weights (the GGUF does not travel;
 #                 before the call, `python3 benchmarks/bench_dln_scoring.py --export-shape .gpu_shape`, a
 #                 few MB, gitignored, and carry [".whl", ".gpu_shape"]); skipped without it
@@ -170,6 +170,16 @@ TEST_FILES=$(grep -l "requires_cuda" tests/test_*.py | tr '\n' ' ')
 PYTEST=(python3 -m pytest -q -rfEs -p no:cacheprovider -m gpu)
 if [ $DRY = 0 ] && python3 -c "import xdist" 2>/dev/null; then PYTEST+=(-n 4); fi
 if want tests_triton; then stage tests_triton 150 "${PYTEST[@]}" -k triton $TEST_FILES; fi
+# dln runs while the extension builds: DLN scoring is prefill, on the Triton kernels alone
+dln_stage() {
+  if [ "$DRY" = 1 ]; then python3 benchmarks/bench_dln_scoring.py --help > /dev/null && echo "dry run: dln parses"; return; fi
+  python3 benchmarks/bench_dln_scoring.py --device cuda --shape .gpu_shape
+}
+if want dln; then
+  if [ -f .gpu_shape/backbone_config.json ] || [ "$DRY" = 1 ]; then stage dln 120 dln_stage
+  else note "=== dln SKIPPED: no .gpu_shape/ (bench_dln_scoring.py --export-shape .gpu_shape, carried)"; fi
+fi
+
 BUILD_OK=1
 if want build || want tests_cuda; then wait_build || BUILD_OK=0; [ $BUILD_OK = 1 ] || FAILED=1; fi
 if want tests_cuda; then
@@ -194,15 +204,6 @@ sweeps_stage() {
   python3 benchmarks/sweep_int4_tc.py --shape 4096x11008 --ms 1,16
 }
 if want sweeps; then TAILN=40 stage sweeps 180 sweeps_stage; fi
-dln_stage() {
-  if [ "$DRY" = 1 ]; then python3 benchmarks/bench_dln_scoring.py --help > /dev/null && echo "dry run: dln parses"; return; fi
-  python3 benchmarks/bench_dln_scoring.py --device cuda --shape .gpu_shape
-}
-if want dln; then
-  if [ -f .gpu_shape/backbone_config.json ] || [ "$DRY" = 1 ]; then stage dln 120 dln_stage
-  else note "=== dln SKIPPED: no .gpu_shape/ (bench_dln_scoring.py --export-shape .gpu_shape, carried)"; fi
-fi
-
 note "gpu_run done in $((SECONDS - T0))s: $([ $FAILED = 0 ] && echo 'every stage passed' || echo 'SOME STAGE FAILED')"
 pack
 rm -rf "$WORK"
