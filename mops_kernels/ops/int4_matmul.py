@@ -215,6 +215,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _tc_launch_defaults(M: int) -> dict:
+    """The tensor-core kernel's launch for M rows when nothing overrides it (see _tc_blocks)."""
+    if M <= 16:
+        return dict(BLOCK_N=64, per_sm=4, warps=4, stages=3)
+    return dict(BLOCK_N=128, per_sm=2, warps=4, stages=3)
+
+
 def _tc_blocks(M: int, N: int, K: int, bits: int, device: torch.device, block_n: Optional[int] = None,
                per_sm: Optional[int] = None, warps: Optional[int] = None, stages: int = 3):
     """(BLOCK_M, BLOCK_N, SPLIT_K, steps per split, num_warps, num_stages) of the tensor-core kernel.
@@ -233,8 +240,8 @@ def _tc_blocks(M: int, N: int, K: int, bits: int, device: torch.device, block_n:
     The interpreter takes 2 splits whenever it can (the atomic reduction is tested on the CPU).
     block_n / per_sm / warps / stages override the choice (benchmarks/sweep_int4_tc.py)."""
     block_m = min(64, max(16, _next_pow2(M)))
-    bn0, ps0 = (64, 4) if block_m == 16 else (128, 2)
-    block_n, per_sm, warps = block_n or bn0, per_sm or ps0, warps or 4
+    d = _tc_launch_defaults(M)
+    block_n, per_sm, warps = block_n or d["BLOCK_N"], per_sm or d["per_sm"], warps or d["warps"]
     steps = triton.cdiv(K, 128 if bits == 4 else 64)
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     if device.type == "cuda":
