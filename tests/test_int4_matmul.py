@@ -441,3 +441,39 @@ def test_tc_pack_is_cached_and_follows_in_place_changes():
     qw.scale.mul_(2)
     again = qw.packed_for("tc", IM._tc_pack)
     assert again is not first and torch.equal(again[1][: 96 // 32], qw.scale.t())
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the compiled extension")
+def test_cpu_fast_path_same_bits_and_the_ops_own_errors(monkeypatch):
+    """Once the dispatcher has picked the CPU kernel under an environment, a 2-D CPU call without
+    bias or autograd goes straight to the kernel: the same bits as the checked path; input the kernel
+    refuses still gets the op's own error (or its backend: float64 runs on torch); autograd, bias,
+    another MOPS_BACKEND take the checked path."""
+    from mops_kernels.ops import int4_matmul as mod
+    monkeypatch.delenv("MOPS_BACKEND", raising=False)
+    mod._CPU_FAST.clear()
+    qw = _case(4, 32, 576, 195)
+    x = torch.randn(1, 576)
+    first = int4_matmul(x, qw)                       # checked path: dispatches, enables the fast one
+    _check_close(first, x, qw, torch.float32)
+    env = _backend._dispatch_env()
+    real = mod._CPU_FAST[env]
+    calls = []
+    monkeypatch.setitem(mod._CPU_FAST, env, lambda *a: (calls.append(1), real(*a))[1])
+    assert torch.equal(int4_matmul(x, qw), first) and len(calls) == 1
+    x3 = torch.randn(3, 576)                         # another M, same kernel
+    assert torch.equal(int4_matmul(x3, qw), real(x3, qw.qweight, qw.scale, qw.min, qw.group_size, qw.bits))
+    with pytest.raises(ValueError, match=r"K=576"):
+        int4_matmul(torch.randn(1, 575), qw)
+    with pytest.raises(ValueError, match="float tensor"):
+        int4_matmul(torch.ones(1, 576, dtype=torch.int64), qw)
+    y64 = int4_matmul(x.double(), qw)                # the kernel refuses float64: the torch backend runs it
+    assert y64.dtype == torch.float64 and rel_err(y64, first.double()) < 1e-5
+    n = len(calls)
+    xg = x.clone().requires_grad_()
+    int4_matmul(xg, qw).sum().backward()             # autograd: the checked path, with a gradient
+    assert xg.grad is not None and xg.grad.shape == x.shape and len(calls) == n
+    bias = torch.randn(195)
+    assert torch.allclose(int4_matmul(x, qw, bias), first + bias) and len(calls) == n
+    monkeypatch.setenv("MOPS_BACKEND", "torch")      # another environment: not this entry
+    assert rel_err(int4_matmul(x, qw), first) < 1e-5 and len(calls) == n
