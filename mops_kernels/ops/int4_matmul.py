@@ -346,15 +346,21 @@ def _backward_cpu(dy: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
                                                          qw.group_size, qw.bits)
 
 
-# Warps that split one row group's K in the CUDA GEMV (1, 2 or 4; csrc/int4_matmul_kernel.cuh's KS).
-# 1 is the launch timed on the H200; 2 and 4 put more loads in flight and await a GPU timing
-# (benchmarks/sweep_int4_tc.py --gemv) before they are chosen.
-_CUDA_GEMV_KSPLIT = 1
+def _cuda_gemv_ksplit(N: int, bits: int) -> int:
+    """Warps that split one row group's K in the CUDA GEMV (1, 2 or 4; csrc/int4_matmul_kernel.cuh's KS).
+
+    The H200 sweep (benchmarks/sweep_int4_tc.py --gemv, M = 1, 4-bit G = 128, weights past the L2,
+    2026-11-26; rows in benchmarks/results/int4_gemv_sweep-nvidia-h200.jsonl, the 8192-row figures in
+    gpu-logs-2026-11-26b/call4-8192x28672.log): 2 for 4096 rows (4096x4096: 1150 GB/s against 996 at
+    1, 1070 at 4; 4096x11008: 1381 against 1106, 1335), 1 for 8192 rows (8192x28672: 2099 against 1642
+    at 2, 1900 at 4), where the rows alone give every SM enough warps. Row counts between were not
+    timed (they keep 1), nor 8-bit weights, nor M > 1 (M = 4 on 4096x4096: 878 / 819 / 705)."""
+    return 2 if bits == 4 and N <= 4096 else 1
 
 
 def _forward_cuda(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     return _backend.extension().int4_matmul_cuda(x2, qw.qweight, qw.scale, qw.min, qw.group_size, qw.bits,
-                                                 _CUDA_GEMV_KSPLIT)
+                                                 _cuda_gemv_ksplit(qw.out_features, qw.bits))
 
 
 def _forward_torch(x2: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
