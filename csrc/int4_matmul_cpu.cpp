@@ -34,6 +34,8 @@ void q4_chunk_avx512(const float* xp, const float* xsum, const uint8_t* q, const
 int64_t wide_columns_avx512(int64_t K, int64_t G, bool allow);
 bool has_avx512();  // CPUID: AVX-512 F, BW and VL
 void gemm_pack_x_avx512(const float* x, float* xt, int64_t M, int64_t K);
+void panel_chunk_avx512(const float* x, const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y,
+                        int64_t M, int64_t N, int64_t K, int64_t G, int bits, int64_t b, int64_t e, float* w);
 void gemm_chunk_avx512(const float* xt, const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y,
                        int64_t M, int64_t N, int64_t K, int64_t G, int bits, int64_t b, int64_t e, float* w);
 void q8_chunk_avx2(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M,
@@ -158,7 +160,40 @@ int64_t gemm_min_m() {
   return env != nullptr && env[0] != '\0' ? std::max<long>(1, std::strtol(env, nullptr, 10)) : kGemmMinM;
 }
 
+// Rows of x from which an AVX-512 CPU multiplies from dequantized panels (panel_chunk) below the
+// GEMM's bound instead of the GEMV passes; MOPS_INT4_CPU_PANEL_MIN_M (read per call) moves it. Only
+// where the fp32 panel (12 rows x K) fits in 32 KiB of L1 and, for 8-bit weights, from 4 rows: one
+// token's worth of ad-hoc timings (2 threads, alternating in one process, medians of 5 x 1000 calls):
+// 4-bit K = 576 at M = 2 / 4 / 8 / 11: 1536x576 51.1 / 56.9 / 77.6 / 118.2 us -> 37.4 / 38.7 / 68.3 /
+// 83.9, 576x576 15.7 / 17.7 / 30.6 / 46.8 -> 14.4 / 15.6 / 25.2 / 31.8, 960x576 25.8 / 29.1 / 50.9 /
+// 84.7 -> 24.0 / 24.7 / 45.3 / 57.9; but 576x1536 (a 74 KiB panel, read from L2) 32.5 / 35.6 / 68.0
+// / 100.6 -> 39.2 / 38.4 / 66.9 / 101.3, and the 8-bit 49152x576 head 892 / 1363 / 2757 / 3784 ->
+// 1084 / 1240 / 2326 / 3553.
+constexpr int64_t kPanelMinM = 2;
+bool panel_fits(int64_t K) { return int64_t{12} * K * 4 <= 32 * 1024; }
+int64_t panel_min_m() {
+  const char* env = std::getenv("MOPS_INT4_CPU_PANEL_MIN_M");
+  return env != nullptr && env[0] != '\0' ? std::max<long>(2, std::strtol(env, nullptr, 10)) : kPanelMinM;
+}
+
 #if defined(__x86_64__) || defined(__i386__)
+// y [M, N] = x W^T for 2 <= M < the GEMM's bound: panels of 12 weight rows dequantized by the thread
+// that runs them, multiplied with every row of x at once (int4_matmul_cpu_kernel.h, "few rows").
+void panels(const float* x, const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y, int64_t M,
+            int64_t N, int64_t K, int64_t G, int bits, const cpupool::Prefetch* after) {
+  const int64_t nr = int4cpu::base::kGemmNR;
+  const int64_t count = (N + nr - 1) / nr;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t chunks = std::max<int64_t>(1, (count * nr * K) >> 15);  // ~32k weights a chunk
+  chunks = std::min(count, (chunks + threads - 1) / threads * threads);
+  const int64_t grain = (count + chunks - 1) / chunks;
+  cpupool::parallel_chunks(count, grain, M * N * K, [&](int64_t b, int64_t e) {
+    thread_local std::vector<float> w;
+    w.resize(nr * K);
+    int4cpu::panel_chunk_avx512(x, q, s, mn, y, M, N, K, G, bits, b * nr, std::min(N, e * nr), w.data());
+  }, after);
+}
+
 // y [M, N] = x W^T with the GEMM kernels: x packed once (transposed blocks), panels of 12 weight
 // rows dequantized by the thread that runs them, in chunks on the helper pool.
 void gemm(const float* x, const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y, int64_t M,
@@ -220,6 +255,16 @@ static at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qw
     at::Tensor y = at::empty({M, N}, xf.options());
     gemm(xf.data_ptr<float>(), reinterpret_cast<const uint8_t*>(qweight.data_ptr()), half_ptr(scale), mn,
          y.data_ptr<float>(), M, N, K, group_size, (int)bits, after);
+    return f32 ? y : y.to(x.scalar_type());
+  }
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+  if (M >= panel_min_m() && M < gemm_min_m() && M <= 11 && panel_fits(K) && (bits == 4 || M >= 4) &&
+      isa::active() == isa::kAvx2 && int4cpu::has_avx512()) {
+    at::Tensor y = at::empty({M, N}, xf.options());
+    panels(xf.data_ptr<float>(), reinterpret_cast<const uint8_t*>(qweight.data_ptr()), half_ptr(scale), mn,
+           y.data_ptr<float>(), M, N, K, group_size, (int)bits, after);
     return f32 ? y : y.to(x.scalar_type());
   }
 #endif

@@ -34,6 +34,11 @@ int64_t wide_columns_avx512(int64_t K, int64_t G, bool allow) { return avx512::w
 
 void gemm_pack_x_avx512(const float* x, float* xt, int64_t M, int64_t K) { avx512::gemm_pack_x(x, xt, M, K); }
 
+void panel_chunk_avx512(const float* x, const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y,
+                        int64_t M, int64_t N, int64_t K, int64_t G, int bits, int64_t b, int64_t e, float* w) {
+  avx512::panel_chunk(x, q, s, mn, y, M, N, K, G, bits, b, e, w);
+}
+
 void gemm_chunk_avx512(const float* xt, const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y,
                        int64_t M, int64_t N, int64_t K, int64_t G, int bits, int64_t b, int64_t e, float* w) {
   avx512::gemm_chunk(xt, q, s, mn, y, M, N, K, G, bits, b, e, w);

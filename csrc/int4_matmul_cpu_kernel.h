@@ -608,6 +608,66 @@ inline void gemm_chunk(const float* xt, const uint8_t* qw, const uint16_t* scale
     }
   }
 }
+// ---- few rows of x (2 <= M < the GEMM's 12): dot products from the dequantized panel --------------
+// The GEMV passes read 8 x vectors per 128 weights and row of x, and run at about half the FMA
+// rate; the GEMM's 16- or 32-row x blocks waste most of their lanes below 12 rows. Here each thread
+// dequantizes 12 weight rows into the GEMM's fp32 panel [12][K] and multiplies RB of them with all
+// M rows of x at once: per 16 columns RB + M vector loads feed RB * M FMAs into RB * M accumulators
+// (<= 24 registers), each lane summing its columns k = l (mod 16); one horizontal sum per output.
+template <int RB, int MM>
+inline void panel_dots(const float* x, const float* w, int64_t K, float* out /* [RB][MM] */) {
+  __m512 acc[RB][MM];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_ps(w + r * K + k);
+    for (int m = 0; m < MM; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      for (int r = 0; r < RB; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MM; ++m) {
+      float t = _mm512_reduce_add_ps(acc[r][m]);
+      for (int64_t c = k; c < K; ++c) t += w[r * K + c] * x[m * K + c];  // K % 16 (K is a multiple of 32: none)
+      out[r * MM + m] = t;
+    }
+}
+
+// Weight rows RB at a time for MM rows of x (RB * MM <= 24, RB divides 12).
+template <int MM>
+inline void panel_rows(const float* x, const float* w, int64_t K, float* out /* [12][MM] */) {
+  constexpr int RB = MM <= 2 ? 12 : MM <= 3 ? 6 : MM <= 4 ? 6 : MM <= 6 ? 4 : MM <= 8 ? 3 : 2;
+  for (int r0 = 0; r0 < kGemmNR; r0 += RB) panel_dots<RB, MM>(x, w + r0 * K, K, out + r0 * MM);
+}
+
+// One thread's share: output columns [b, e) of y [M, N] (b a multiple of 12), 2 <= M <= 11, x [M, K]
+// row-major fp32, w a [12][K] fp32 scratch buffer of this thread.
+inline void panel_chunk(const float* x, const uint8_t* qw, const uint16_t* scale, const uint16_t* mins,
+                        float* y, int64_t M, int64_t N, int64_t K, int64_t G, int bits, int64_t b,
+                        int64_t e, float* w) {
+  alignas(64) float out[kGemmNR * 11];
+  for (int64_t n = b; n < e; n += kGemmNR) {
+    gemm_panel(qw, scale, mins, N, K, G, bits, n, w);
+    switch (M) {
+      case 2: panel_rows<2>(x, w, K, out); break;
+      case 3: panel_rows<3>(x, w, K, out); break;
+      case 4: panel_rows<4>(x, w, K, out); break;
+      case 5: panel_rows<5>(x, w, K, out); break;
+      case 6: panel_rows<6>(x, w, K, out); break;
+      case 7: panel_rows<7>(x, w, K, out); break;
+      case 8: panel_rows<8>(x, w, K, out); break;
+      case 9: panel_rows<9>(x, w, K, out); break;
+      case 10: panel_rows<10>(x, w, K, out); break;
+      default: panel_rows<11>(x, w, K, out); break;
+    }
+    const int cols = (int)(e - n < kGemmNR ? e - n : kGemmNR);
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < cols; ++r) y[m * N + n + r] = out[r * M + m];
+  }
+}
 #endif  // MOPS_INT4_AVX512
 
 // One thread's share of a GEMV call (M <= the glue's max_gemv_m, at most 64): output rows [b, e) of y [M, N],

@@ -24,6 +24,7 @@ def _kernel(x, qw):
 @pytest.mark.parametrize("M", [1, 3, 8, 16])      # the M = 1 kernel, then the tiled GEMV
 def test_both_layouts_match_fp64(monkeypatch, G, K, N, M):
     monkeypatch.setenv("MOPS_INT4_CPU_GEMM_MIN_M", "1000000")  # the GEMV kernels, not the GEMM
+    monkeypatch.setenv("MOPS_INT4_CPU_PANEL_MIN_M", "1000000")  # nor the panels
     w = torch.randn(N, K) * 0.05 + 0.01 * torch.randn(N, 1)
     qw = quantize(w, bits=4, group_size=G)
     x = torch.randn(M, K)
@@ -144,6 +145,51 @@ def test_an_avx512_cpu_runs_many_rows_on_the_gemm(monkeypatch):
     yb = _kernel(xb, qw)
     assert yb.dtype == torch.bfloat16 and torch.equal(yb, _kernel(xb.float(), qw).bfloat16())
 
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
+                    reason="the CPU has no AVX-512 F/BW/VL: no panel kernels")
+@pytest.mark.parametrize("bits,G,K,N", [(4, 32, 576, 195), (4, 64, 576, 7), (4, 128, 640, 13),
+                                        (4, 32, 96, 12), (4, 32, 64, 1), (8, 32, 576, 33)])
+@pytest.mark.parametrize("M", [2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+@pytest.mark.parametrize("helpers", ["0", "1"])
+def test_panels_match_fp64_and_the_gemv(monkeypatch, bits, G, K, N, M, helpers):
+    """2 <= M <= 11 on an AVX-512 CPU: 12 dequantized weight rows at a time against every row of x
+    (each M has its own register blocking), N leaving a part panel (7, 13, 195, 33, 1), every group
+    size, 8-bit from 4 rows; on one thread and with a helper. Equal to the fp64 product, and to the
+    GEMV passes (MOPS_INT4_CPU_PANEL_MIN_M=1000000) within fp32 rounding."""
+    if _backend.extension().cpu_isa() != "avx2":
+        pytest.skip("the avx2 kernels are not the active ones")
+    monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", helpers)
+    qw = quantize(torch.randn(N, K) * 0.05 + 0.01 * torch.randn(N, 1), bits=bits, group_size=G)
+    x = torch.randn(M, K)
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    outs = {}
+    for bound in ("2", "1000000"):
+        monkeypatch.setenv("MOPS_INT4_CPU_PANEL_MIN_M", bound)
+        outs[bound] = y = _kernel(x, qw)
+        assert y.shape == (M, N) and not torch.isnan(y).any()
+        assert rel_err(y, ref) <= 1e-5, (bound, rel_err(y, ref))
+    torch.testing.assert_close(outs["2"], outs["1000000"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
+                    reason="the CPU has no AVX-512 F/BW/VL: no panel kernels")
+def test_an_avx512_cpu_runs_few_rows_on_panels_where_they_fit(monkeypatch):
+    """By default 2-11 rows take the panels when 12 fp32 weight rows fit in 32 KiB (K <= 682) and,
+    for 8-bit weights, from 4 rows; K = 1536 and 8-bit 2-3 rows stay on the GEMV (bits tell which
+    path ran: the two sum in different orders)."""
+    if _backend.extension().cpu_isa() != "avx2":
+        pytest.skip("the avx2 kernels are not the active ones")
+    monkeypatch.delenv("MOPS_INT4_CPU_GEMM_MIN_M", raising=False)
+    for bits, K, m, panel in ((4, 576, 2, True), (4, 576, 8, True), (4, 576, 11, True), (4, 1536, 8, False),
+                              (8, 576, 3, False), (8, 576, 4, True), (4, 576, 1, False)):
+        qw = quantize(torch.randn(96, K), bits=bits, group_size=32)
+        x = torch.randn(m, K)
+        monkeypatch.delenv("MOPS_INT4_CPU_PANEL_MIN_M", raising=False)
+        default = _kernel(x, qw)
+        monkeypatch.setenv("MOPS_INT4_CPU_PANEL_MIN_M", "1000000")
+        assert torch.equal(default, _kernel(x, qw)) != panel, (bits, K, m)
 
 
 def _rms(x, w, eps):
