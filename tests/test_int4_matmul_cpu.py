@@ -83,6 +83,21 @@ def test_an_avx512_cpu_takes_the_wide_layout(monkeypatch):
     assert not torch.equal(_kernel(x, qw), narrow)
 
 
+def _on_and_off_match_fp64(monkeypatch, var, on, bits, G, K, N, M):
+    """A path switched on (var=on) and off (var=1000000): each equals the fp64 product, and they equal
+    each other within fp32 rounding."""
+    qw = quantize(torch.randn(N, K) * 0.05 + 0.01 * torch.randn(N, 1), bits=bits, group_size=G)
+    x = torch.randn(M, K)
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    outs = {}
+    for bound in (on, "1000000"):
+        monkeypatch.setenv(var, bound)
+        outs[bound] = y = _kernel(x, qw)
+        assert y.shape == (M, N) and not torch.isnan(y).any()
+        assert rel_err(y, ref) <= 1e-5, (var, bound, rel_err(y, ref))
+    torch.testing.assert_close(outs[on], outs["1000000"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
                     reason="the CPU has no AVX-512 F/BW/VL: no GEMM kernels")
 @pytest.mark.parametrize("bits,G,K,N", [(4, 32, 576, 195), (4, 64, 1536, 37), (4, 128, 640, 7),
@@ -95,16 +110,7 @@ def test_gemm_matches_fp64_and_the_other_paths(monkeypatch, bits, G, K, N, M):
     every M there; they equal the fp64 product, and the GEMV / tile paths within fp32 rounding."""
     if _backend.extension().cpu_isa() != "avx2":
         pytest.skip("the avx2 kernels are not the active ones")
-    qw = quantize(torch.randn(N, K) * 0.05 + 0.01 * torch.randn(N, 1), bits=bits, group_size=G)
-    x = torch.randn(M, K)
-    ref = x.double() @ qw.dequantize(torch.float64).t()
-    outs = {}
-    for bound in ("1", "1000000"):
-        monkeypatch.setenv("MOPS_INT4_CPU_GEMM_MIN_M", bound)
-        outs[bound] = y = _kernel(x, qw)
-        assert y.shape == (M, N) and not torch.isnan(y).any()
-        assert rel_err(y, ref) <= 1e-5, (bound, rel_err(y, ref))
-    torch.testing.assert_close(outs["1"], outs["1000000"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    _on_and_off_match_fp64(monkeypatch, "MOPS_INT4_CPU_GEMM_MIN_M", "1", bits, G, K, N, M)
 
 
 @pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
@@ -161,16 +167,7 @@ def test_panels_match_fp64_and_the_gemv(monkeypatch, bits, G, K, N, M, helpers):
     if _backend.extension().cpu_isa() != "avx2":
         pytest.skip("the avx2 kernels are not the active ones")
     monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", helpers)
-    qw = quantize(torch.randn(N, K) * 0.05 + 0.01 * torch.randn(N, 1), bits=bits, group_size=G)
-    x = torch.randn(M, K)
-    ref = x.double() @ qw.dequantize(torch.float64).t()
-    outs = {}
-    for bound in ("2", "1000000"):
-        monkeypatch.setenv("MOPS_INT4_CPU_PANEL_MIN_M", bound)
-        outs[bound] = y = _kernel(x, qw)
-        assert y.shape == (M, N) and not torch.isnan(y).any()
-        assert rel_err(y, ref) <= 1e-5, (bound, rel_err(y, ref))
-    torch.testing.assert_close(outs["2"], outs["1000000"], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    _on_and_off_match_fp64(monkeypatch, "MOPS_INT4_CPU_PANEL_MIN_M", "2", bits, G, K, N, M)
 
 
 @pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl"} <= set(_cpu_flags()),
