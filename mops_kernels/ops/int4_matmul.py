@@ -33,8 +33,13 @@ bandwidth = 145, see csrc/int4_matmul_kernel.cuh):
             (spec6 rows). It replaced a Triton GEMV (877 instr/16 B at M = 1, 6520 at M = 16)
             and a 64 x 64 GEMM (590; scale/min gathered per element, no split-K).
             M = 1 runs here only on a GPU without the CUDA extension.
-    cpu     csrc/int4_matmul_cpu.cpp: AVX2 GEMV for M <= 16 (4-bit: <= 64, in passes), dequantized tiles + BLAS above;
-            on an AVX-512 CPU a register-blocked GEMM on dequantized 12-row panels from M = 12
+    cpu     csrc/int4_matmul_cpu.cpp: AVX2 GEMV for M <= 16 (4-bit: <= 64, in passes; M = 1 takes 8
+            weight rows per step), dequantized tiles + BLAS above; on an AVX-512 CPU (128-column
+            layout) dot products from dequantized 12-row fp32 panels for M = 2..11 where a panel fits
+            in 32 KiB (K <= 682; 8-bit from M = 4), and a register-blocked GEMM on those panels from
+            M = 12. A 2-D CPU call without bias or autograd goes straight to the kernel once the
+            dispatcher has picked it (`_CPU_FAST`); the kernel checks every argument, and what it
+            refuses takes the checked path here.
     torch   dequantize then matmul (the fallback)
 
 Backward: the weight is frozen, so only dx = dy @ W [M, K]: a Triton kernel (`_int4_matmul_bwd_kernel`,
