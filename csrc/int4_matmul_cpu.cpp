@@ -77,13 +77,16 @@ int64_t chunk_rows(int64_t K) { return std::max<int64_t>(4, ((int64_t{1} << 15) 
 // 192x576 3.93-3.96 -> 3.70-3.73 us, 576x576 7.33-7.39 -> 6.59-6.69; 1536x576, 576x1536, 960x576
 // unchanged; under OMP_WAIT_POLICY=PASSIVE (our helpers, which take chunks left over) 192x576
 // 3.97-4.03 -> 3.85-3.90, the others unchanged.
-int64_t balanced_rows(int64_t N, int64_t K) {
+// balanced_grain: n items in chunks of about `base`, a multiple of `align` each, their number rounded
+// up to a multiple of the thread count. balanced_rows: the GEMVs' rows (4-row aligned, the M = 1
+// kernel's smallest step).
+int64_t balanced_grain(int64_t n, int64_t base, int64_t align) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t base = chunk_rows(K);
-  int64_t chunks = (N + base - 1) / base;
+  int64_t chunks = std::max<int64_t>(1, (n + base - 1) / base);
   chunks = (chunks + threads - 1) / threads * threads;
-  return std::max<int64_t>(4, ((N + chunks - 1) / chunks + 3) / 4 * 4);
+  return std::max<int64_t>(align, ((n + chunks - 1) / chunks + align - 1) / align * align);
 }
+int64_t balanced_rows(int64_t N, int64_t K) { return balanced_grain(N, chunk_rows(K), 4); }
 
 // Rows of W per dequantized tile: ~1 MiB of fp32, so a tile stays in L2 while BLAS reads it.
 int64_t tile_rows(int64_t K) { return std::max<int64_t>(64, (int64_t{1} << 18) / K); }
@@ -183,10 +186,7 @@ void panels(const float* x, const uint8_t* q, const uint16_t* s, const uint16_t*
             int64_t N, int64_t K, int64_t G, int bits, const cpupool::Prefetch* after) {
   const int64_t nr = int4cpu::base::kGemmNR;
   const int64_t count = (N + nr - 1) / nr;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t chunks = std::max<int64_t>(1, (count * nr * K) >> 15);  // ~32k weights a chunk
-  chunks = std::min(count, (chunks + threads - 1) / threads * threads);
-  const int64_t grain = (count + chunks - 1) / chunks;
+  const int64_t grain = balanced_grain(count, std::max<int64_t>(1, (int64_t{1} << 15) / (nr * K)), 1);  // ~32k weights
   cpupool::parallel_chunks(count, grain, M * N * K, [&](int64_t b, int64_t e) {
     thread_local std::vector<float> w;
     w.resize(nr * K);
@@ -251,21 +251,14 @@ static at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qw
   const uint16_t* mn = bits == 4 ? half_ptr(*min) : nullptr;
   if (M == 0) return at::empty({0, N}, x.options());
 #if defined(__x86_64__) || defined(__i386__)
-  if (M >= gemm_min_m() && isa::active() == isa::kAvx2 && int4cpu::has_avx512()) {
-    at::Tensor y = at::empty({M, N}, xf.options());
-    gemm(xf.data_ptr<float>(), reinterpret_cast<const uint8_t*>(qweight.data_ptr()), half_ptr(scale), mn,
-         y.data_ptr<float>(), M, N, K, group_size, (int)bits, after);
-    return f32 ? y : y.to(x.scalar_type());
-  }
-#endif
-
-#if defined(__x86_64__) || defined(__i386__)
-  if (M >= panel_min_m() && M < gemm_min_m() && M <= 11 && panel_fits(K) && (bits == 4 || M >= 4) &&
-      isa::active() == isa::kAvx2 && int4cpu::has_avx512()) {
-    at::Tensor y = at::empty({M, N}, xf.options());
-    panels(xf.data_ptr<float>(), reinterpret_cast<const uint8_t*>(qweight.data_ptr()), half_ptr(scale), mn,
-           y.data_ptr<float>(), M, N, K, group_size, (int)bits, after);
-    return f32 ? y : y.to(x.scalar_type());
+  if (isa::active() == isa::kAvx2 && int4cpu::has_avx512()) {  // the kernels on 12-row fp32 panels
+    const bool use_gemm = M >= gemm_min_m();
+    if (use_gemm || (M >= panel_min_m() && M <= 11 && panel_fits(K) && (bits == 4 || M >= 4))) {
+      at::Tensor y = at::empty({M, N}, xf.options());
+      (use_gemm ? gemm : panels)(xf.data_ptr<float>(), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
+                                 half_ptr(scale), mn, y.data_ptr<float>(), M, N, K, group_size, (int)bits, after);
+      return f32 ? y : y.to(x.scalar_type());
+    }
   }
 #endif
 
