@@ -40,6 +40,12 @@ void gemm_chunk_avx512(const float* xt, const uint8_t* q, const uint16_t* s, con
                        int64_t M, int64_t N, int64_t K, int64_t G, int bits, int64_t b, int64_t e, float* w);
 void q8_chunk_avx2(const float* xp, const int8_t* q, const uint16_t* s, float* y, int64_t M,
                    int64_t N, int64_t K, int64_t G, int64_t pass, int64_t b, int64_t e);
+// int4_matmul_cpu_vnni.cpp (x86 only): the 1-token 4-bit kernel on integer dot products
+bool has_avx512_vnni();  // CPUID: AVX-512 F, BW, VL and VNNI
+bool vnni_prepare_x(const float* x, int8_t* xd, float* lane_scale, float* xsum, int64_t K, int64_t G);
+void q4_chunk_vnni(const int8_t* xd, const float* lane_scale, const float* x, const float* xsum, const uint8_t* q,
+                   const uint16_t* s, const uint16_t* mn, float* y, int64_t N, int64_t K, int64_t G, int64_t b,
+                   int64_t e);
 }  // namespace int4cpu
 
 namespace {
@@ -258,6 +264,38 @@ static at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qw
       (use_gemm ? gemm : panels)(xf.data_ptr<float>(), reinterpret_cast<const uint8_t*>(qweight.data_ptr()),
                                  half_ptr(scale), mn, y.data_ptr<float>(), M, N, K, group_size, (int)bits, after);
       return f32 ? y : y.to(x.scalar_type());
+    }
+  }
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+  // One token, 4-bit, G dividing 128, K >= 128, on an AVX-512 VNNI CPU: the integer kernel
+  // (int4_matmul_cpu_kernel.h, "AVX-512 VNNI"), unless x holds what its fixed point cannot carry
+  // (vnni_prepare_x says no) or MOPS_INT4_CPU_VNNI=0 (read per call; tests compare both kernels).
+  if (M == 1 && bits == 4 && 128 % group_size == 0 && K >= 128 &&
+      isa::active() == isa::kAvx2 && int4cpu::has_avx512_vnni()) {
+    const char* env = std::getenv("MOPS_INT4_CPU_VNNI");
+    const char* wide_env = std::getenv("MOPS_INT4_CPU_AVX512");
+    if (!(env && env[0] == '0') && !(wide_env && wide_env[0] == '0')) {
+      const int64_t ng = K / group_size;
+      thread_local std::vector<int8_t> digits;
+      thread_local std::vector<float> fbuf;
+      digits.resize(4 * K);
+      fbuf.resize(K / 8 + ng);
+      float* lane_scale = fbuf.data();
+      float* xsum = lane_scale + K / 8;
+      const float* xr = xf.data_ptr<float>();
+      const int8_t* xd = digits.data();
+      if (int4cpu::vnni_prepare_x(xr, digits.data(), lane_scale, xsum, K, group_size)) {
+        at::Tensor y = at::empty({1, N}, xf.options());
+        float* yp = y.data_ptr<float>();
+        const uint8_t* q = qweight.data_ptr<uint8_t>();
+        const uint16_t* s = half_ptr(scale);
+        cpupool::parallel_chunks(N, balanced_rows(N, K), N * K, [&](int64_t b, int64_t e) {
+          int4cpu::q4_chunk_vnni(xd, lane_scale, xr, xsum, q, s, mn, yp, N, K, group_size, b, e);
+        }, after);
+        return f32 ? y : y.to(x.scalar_type());
+      }
     }
   }
 #endif

@@ -14,15 +14,18 @@
 //   xp[64b + 8e + j] = x[64b + 8j + e] * (e odd ? 1/16 : 1).
 // A trailing 32-column block (K % 64 == 32) keeps x's natural order and runs a scalar loop.
 //
-// M = 1 (decode): 4 weight rows per step, two FMA chains per row (even / odd positions), so 8
-// independent chains hide the FMA latency and each x load serves 4 rows; the group scale is applied
-// once per 64-column chunk to the partial dot product. M = 2..16: each decoded chunk is reused for
-// all M rows of x (tiles of 4 rows, passes of <= 16 rows) before the next one is read.
+// M = 1 (decode): 8 weight rows per step (then 4, then 1), two FMA chains per row (even / odd
+// positions), so the chains hide the FMA latency and each x load serves every row of the step; the
+// group scale is applied once per 64-column chunk to the partial dot product. M = 2..16: each decoded
+// chunk is reused for all M rows of x (tiles of 4 rows, passes of <= 16 rows) before the next one is
+// read. On a CPU with AVX-512 VNNI, M = 1 runs an integer kernel instead ("AVX-512 VNNI" below).
 //
-// Instruction sets: this header is compiled twice, into namespace MOPS_INT4_ISA. int4_matmul_cpu.cpp
-// includes it as `base` (scalar code, any CPU: the build's baseline ISA); int4_matmul_cpu_avx2.cpp as
-// `avx2` with MOPS_INT4_AVX2 defined, under a target pragma (AVX2 + FMA + F16C intrinsics) whatever
-// the build flags. The glue runs the avx2 copy only when CPUID says the CPU has all three (cpu_isa.h).
+// Instruction sets: this header is compiled into one namespace MOPS_INT4_ISA per copy.
+// int4_matmul_cpu.cpp includes it as `base` (scalar code, any CPU: the build's baseline ISA);
+// int4_matmul_cpu_avx2.cpp as `avx2` with MOPS_INT4_AVX2 defined, under a target pragma (AVX2 + FMA +
+// F16C intrinsics) whatever the build flags; int4_matmul_cpu_avx512.cpp and int4_matmul_cpu_vnni.cpp
+// likewise with AVX-512 F/BW/VL (and VNNI). The glue runs the avx2 copy only when CPUID says the CPU
+// has all three (cpu_isa.h), the others where CPUID reports their extensions too.
 //
 // AVX-512 (F, BW, VL) "wide" layout, in the avx512 copy (int4_matmul_cpu_avx512.cpp: the avx2 code
 // plus this, run when CPUID reports AVX-512; also in the avx2 copy of a MOPS_NATIVE=1 build on such
@@ -179,7 +182,8 @@ inline float q4_dot_scalar(const float* xp, const uint8_t* row, const uint16_t* 
 
 // The scalar part of rows n..n+ROWS-1: the min terms sum_g mn[g] * xsum[g] plus the trailing
 // 32-column block (K % 64 == 32, x in natural order there), one value per (row, row of x).
-template <int ROWS, int MAXM>
+// (MINS = false: the trailing block only; the VNNI kernel adds the min terms itself.)
+template <int ROWS, int MAXM, bool MINS = true>
 inline void q4_tail(const float* xp, const float* xsum, const uint8_t* qw, const uint16_t* scale,
                     const uint16_t* mins, int64_t K, int64_t G, int64_t n, int mm,
                     float (&tail)[ROWS][MAXM]) {
@@ -196,7 +200,7 @@ inline void q4_tail(const float* xp, const float* xsum, const uint8_t* qw, const
           d += (float)(row[i] & 0x0f) * xr[2 * i] + (float)(row[i] >> 4) * xr[2 * i + 1];
         t = d * half_to_float(scale[(n + r) * ng + K64 / G]);
       }
-      tail[r][m] = t + dot_half_float(mins + (n + r) * ng, xsum + m * ng, ng);
+      tail[r][m] = MINS ? t + dot_half_float(mins + (n + r) * ng, xsum + m * ng, ng) : t;
     }
 }
 
@@ -253,6 +257,36 @@ inline void decode128(__m512i v, int k, __m512& w0, __m512& w1) {
 #endif
 constexpr int64_t kPrefetchBytes = MOPS_INT4_PREFETCH_BYTES;
 
+#ifdef MOPS_INT4_AVX2
+// The M = 1 kernels' software prefetch for a step of `rows` weight rows from row n: at the step's
+// start the scale and min lines of the rows kPrefetchBytes ahead (step), and per 64 columns the code
+// lines that far ahead of the rows x 32 bytes the step reads there (codes; the rows' codes are
+// contiguous). N (all rows of the matrix) bounds the addresses.
+struct RowPrefetch {
+  const uint8_t* qw;
+  const uint16_t* scale;
+  const uint16_t* mins;
+  int64_t K, ng, N;
+
+  void step(int64_t n, int rows) const {
+    const int64_t pf_row = n + kPrefetchBytes / (K / 2);
+    if (pf_row >= N) return;
+    const int64_t last = (pf_row + rows < N ? pf_row + rows : N) * ng * 2 - 1;  // bytes of scale/min
+    for (int64_t o = pf_row * ng * 2; o <= last + 63; o += 64) {
+      const int64_t b = o < last ? o : last;
+      _mm_prefetch(reinterpret_cast<const char*>(scale) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mins) + b, _MM_HINT_T0);
+    }
+  }
+  void codes(int64_t n, int rows, int64_t c) const {  // c: the chunk's first column
+    const int64_t code_end = N * (K / 2) - 64;
+    int64_t o = n * (K / 2) + kPrefetchBytes + (c / 64) * rows * 32;
+    for (int i = 0; i < (rows * 32 + 63) / 64; ++i, o += 64)
+      if (o <= code_end) _mm_prefetch(reinterpret_cast<const char*>(qw) + o, _MM_HINT_T0);
+  }
+};
+#endif
+
 // M = 1: rows n in [n0, n1) of y [N], ROWS weight rows per step (independent FMA chains sharing the
 // x loads; two chains per row, even / odd nibble positions, so 2 * ROWS chains hide the FMA latency).
 // Columns [0, K128) in 128-column chunks (AVX-512), then 64-column chunks (AVX2), then the tail.
@@ -272,24 +306,9 @@ void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint1
     float tail[ROWS][1];
     q4_tail<ROWS, 1>(xp, xsum, qw, scale, mins, K, G, n, 1, tail);
 #ifdef MOPS_INT4_AVX2
-    // Per 64 columns, the code lines kPrefetchBytes ahead of the ROWS x 32 bytes this step reads
-    // there (the rows' codes are contiguous), and at the step's start the scale and min lines of
-    // the rows that far ahead.
-    const int64_t code_end = N * (K / 2) - 64;
-    const int64_t pf_row = n + kPrefetchBytes / (K / 2);
-    if (pf_row < N) {
-      const int64_t last = (pf_row + ROWS < N ? pf_row + ROWS : N) * ng * 2 - 1;  // bytes of scale/min
-      for (int64_t o = pf_row * ng * 2; o <= last + 63; o += 64) {
-        const int64_t b = o < last ? o : last;
-        _mm_prefetch(reinterpret_cast<const char*>(scale) + b, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(mins) + b, _MM_HINT_T0);
-      }
-    }
-    auto prefetch = [&](int64_t c) {  // c: the chunk's first column
-      int64_t o = n * (K / 2) + kPrefetchBytes + (c / 64) * ROWS * 32;
-      for (int i = 0; i < (ROWS * 32 + 63) / 64; ++i, o += 64)
-        if (o <= code_end) _mm_prefetch(reinterpret_cast<const char*>(qw) + o, _MM_HINT_T0);
-    };
+    const RowPrefetch pf{qw, scale, mins, K, ng, N};
+    pf.step(n, ROWS);
+    auto prefetch = [&](int64_t c) { pf.codes(n, ROWS, c); };
     float wide[ROWS];
     for (int r = 0; r < ROWS; ++r) wide[r] = 0.f;
 #ifdef MOPS_INT4_AVX512
@@ -339,6 +358,225 @@ void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint1
 #endif
   }
 }
+
+#ifdef MOPS_INT4_VNNI
+// ---- 4-bit, M = 1, AVX-512 VNNI: integer dot products at fp32 precision ----------------------
+// x as a 31-bit fixed-point number per group g: x = X * 2^(e_g - 30), |x| < 2^e_g, X an integer with
+// |X| <= 2^30, rounding x to X erring by at most 2^-31 * 2^e_g (the group's largest value kept to 30
+// bits, the others to 2^-31 of it: finer than fp32's own rounding of the products and their sum,
+// even beside an outlier 100x its group). X is split into four signed bytes, X = 2^24 d3 + 2^16 d2
+// + 2^8 d1 + d0 (d0..d2 in [-128, 127], |d3| <= 65), and the codes stay integers: vpdpbusd
+// multiplies 4 unsigned bytes (codes 0..15) by 4 signed bytes (digits) and adds them into a 32-bit
+// lane. A 64-byte load of codes (128 columns: byte t = columns 2t (low nibble) and 2t + 1 (high))
+// gives the even columns' codes as v & 0x0f and the odd columns' as (v >> 4) & 0x0f: three
+// instructions for 128 codes, eight vpdpbusd for their products with the four digits, then per lane
+// a0 + 2^8 a1 + 2^16 a2 (|a| <= 8 * 15 * 128 per lane and chunk: below 2^30, exact as int32) and
+// 2^24 a3 summed in fp32 (one rounding). So y += (that sum) * scale_g * 2^(e_g - 30), where the fp32
+// kernel spends two ands, two converts and two FMAs per 16 codes.
+// x's layout (vnni_prepare_x): per chunk of W = 128 (or 64) columns at c, for digit i = 0..3, the
+// W/2 bytes of the even columns (byte t: column c + 2t), then of the odd ones, at 4c + i W.
+// Runs where G divides 128 (the wide layout's chunks); the K % 64 == 32 tail as in the fp32 kernel
+// (q4_tail, with x in natural order), the min terms in the lanes (16 groups per step).
+
+// x [K] -> xd [4 K] (the digits, the layout above), lane_scale [K/8] (2^(e_g - 30) of columns
+// 8l..8l+7), xsum [K/G]. False (nothing usable) when x holds a NaN or an infinity, or a group of x
+// below 2^-64 that is not all zeros (its scale would lose precision as an fp32 subnormal): the
+// caller runs the fp32 kernel then.
+inline bool vnni_prepare_x(const float* x, int8_t* xd, float* lane_scale, float* xsum, int64_t K, int64_t G) {
+  const int64_t ng = K / G, K64 = K - K % 64, K128 = K - K % 128;
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  __mmask16 bad = 0;
+  for (int64_t g = 0; g < ng; ++g) {
+    const float* xg = x + g * G;
+    __m512 mx = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+    for (int64_t c = 0; c < G; c += 16) {
+      const __m512 v = _mm512_loadu_ps(xg + c);
+      const __m512i ex = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7f800000));
+      bad |= _mm512_cmpeq_epi32_mask(ex, _mm512_set1_epi32(0x7f800000));  // NaN or +-inf
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+      sum = _mm512_add_ps(sum, v);
+    }
+    xsum[g] = _mm512_reduce_add_ps(sum);  // the min terms' sums of x
+    const float m = _mm512_reduce_max_ps(mx);
+    uint32_t bits;
+    std::memcpy(&bits, &m, 4);
+    const int eb = (int)(bits >> 23);       // biased exponent (sign is 0)
+    const int e = eb ? eb - 126 : -126;     // m < 2^e
+    if (m != 0.f && e < -64) return false;
+    // 2^(e - 30) from its bits (e - 30 >= -94: a normal float), 0 for a group of zeros
+    const uint32_t lb = m == 0.f ? 0u : (uint32_t)(e - 30 + 127) << 23;
+    float ls;
+    std::memcpy(&ls, &lb, 4);
+    for (int64_t l = g * G / 8; l < (g + 1) * G / 8; ++l) lane_scale[l] = ls;
+    const __m512 sh = _mm512_set1_ps((float)(30 - e));
+    for (int64_t c = g * G; c < (g + 1) * G && c < K64; c += 32) {  // 32 columns: 16 even, 16 odd
+      const __m512i A = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_loadu_ps(x + c), sh));
+      const __m512i B = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_loadu_ps(x + c + 16), sh));
+      const int64_t c0 = c < K128 ? c - c % 128 : c - (c - K128) % 64;  // its chunk
+      const int64_t W = c < K128 ? 128 : 64;
+      for (int par = 0; par < 2; ++par) {
+        const __m512i X = _mm512_permutex2var_epi32(A, par ? odd : even, B);
+        // balanced digits from bytes: X + 0x808080 = sum 2^8i c_i (c_0..c_2 in 0..255), so
+        // d_i = c_i - 128 (the byte xor 0x80, read as signed) for i < 3, and d3 = (X + 0x808080) >> 24
+        const __m512i Xb = _mm512_add_epi32(X, _mm512_set1_epi32(0x808080));
+        const __m512i V = _mm512_xor_si512(Xb, _mm512_set1_epi32(0x808080));
+        int8_t* o = xd + 4 * c0 + par * (W / 2) + (c - c0) / 2;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm512_cvtepi32_epi8(V));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + W), _mm512_cvtepi32_epi8(_mm512_srli_epi32(V, 8)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * W), _mm512_cvtepi32_epi8(_mm512_srli_epi32(V, 16)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 3 * W), _mm512_cvtepi32_epi8(_mm512_srai_epi32(Xb, 24)));
+      }
+    }
+  }
+  return !bad;
+}
+
+// The sum of a row's 16 partial sums, in the order of sum8 below (so that a row's bits do not depend
+// on the step it ran in): lanes i + 8, then i + 4, i + 2, i + 1.
+inline float sum16(__m512 a) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 v = _mm_add_ps(u, _mm_movehl_ps(u, u));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
+// The 8 sums of 8 rows' partial sums (the order of sum16), stored to y[0..7]: one transposing tree
+// instead of 8 horizontal sums.
+inline void sum8(const __m512 (&a)[8], float* y) {
+  __m256 h[8];
+  for (int r = 0; r < 8; ++r)
+    h[r] = _mm256_add_ps(_mm512_castps512_ps256(a[r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[r]), 1)));
+  __m256 u[4];  // u[p] = rows 2p (low 128 bits), 2p + 1 (high): lanes i + 4 added
+  for (int p = 0; p < 4; ++p)
+    u[p] = _mm256_add_ps(_mm256_permute2f128_ps(h[2 * p], h[2 * p + 1], 0x20),
+                         _mm256_permute2f128_ps(h[2 * p], h[2 * p + 1], 0x31));
+  // v[q]: lanes i + 2 added; 128-bit halves [row 4q (2), row 4q + 2 (2) | row 4q + 1 (2), row 4q + 3 (2)]
+  __m256 v[2];
+  for (int q = 0; q < 2; ++q)
+    v[q] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * q], u[2 * q + 1], 0x44), _mm256_shuffle_ps(u[2 * q], u[2 * q + 1], 0xee));
+  // w: lanes i + 1 added; [rows 0, 2, 4, 6 | rows 1, 3, 5, 7]
+  const __m256 w = _mm256_add_ps(_mm256_shuffle_ps(v[0], v[1], 0x88), _mm256_shuffle_ps(v[0], v[1], 0xdd));
+  _mm256_storeu_ps(y, _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+// (a0 + 2^8 a1 + 2^16 a2, exact as int32: below 2^30, see above) + 2^24 a3, one fp32 rounding
+inline __m512 digits_sum(const __m512i (&a)[4]) {
+  const __m512i low = _mm512_add_epi32(_mm512_add_epi32(a[0], _mm512_slli_epi32(a[1], 8)), _mm512_slli_epi32(a[2], 16));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[3]), _mm512_set1_ps(16777216.f), _mm512_cvtepi32_ps(low));
+}
+inline __m256 digits_sum(const __m256i (&a)[4]) {
+  const __m256i low = _mm256_add_epi32(_mm256_add_epi32(a[0], _mm256_slli_epi32(a[1], 8)), _mm256_slli_epi32(a[2], 16));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[3]), _mm256_set1_ps(16777216.f), _mm256_cvtepi32_ps(low));
+}
+
+// Rows n in [n0, n1) of y [N], ROWS weight rows per step (they share the x loads); x: natural order
+// (the tail), xsum: per-group sums. K128 = K - K % 128 > 0 and G divides 128 (the caller checks).
+// A row's 16 partial sums take its 128-column chunks, its 64-column chunk (lanes 0..7) and its min
+// terms (16 groups per step), then one sum (sum16 / sum8).
+template <int ROWS>
+void q4_gemv1_vnni(const int8_t* xd, const float* lane_scale, const float* x, const float* xsum,
+                   const uint8_t* qw, const uint16_t* scale, const uint16_t* mins, float* y, int64_t K,
+                   int64_t G, int64_t n0, int64_t n1, int64_t N) {
+  const int64_t ng = K / G, K64 = K - K % 64, K128 = K - K % 128;
+  const GroupOf gof(G);
+  const WideScale wscale(G);
+  if (N < n1) N = n1;
+  for (int64_t n = n0; n + ROWS <= n1; n += ROWS) {
+    float tail[ROWS][1];
+    if (K64 < K) q4_tail<ROWS, 1, false>(x, xsum, qw, scale, mins, K, G, n, 1, tail);
+    const RowPrefetch pf{qw, scale, mins, K, ng, N};
+    pf.step(n, ROWS);
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K128; c += 128) {
+      pf.codes(n, ROWS, c);
+      pf.codes(n, ROWS, c + 64);
+      const int8_t* d = xd + 4 * c;
+      const __m512 xs = _mm512_loadu_ps(lane_scale + c / 8);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512i v = _mm512_loadu_si512(qw + (n + r) * (K / 2) + c / 2);
+        const __m512i qe = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+        const __m512i qo = _mm512_and_si512(_mm512_srli_epi32(v, 4), _mm512_set1_epi8(0x0f));
+        __m512i a[4];
+        for (int i = 0; i < 4; ++i)
+          a[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), qe, _mm512_loadu_si512(d + 128 * i)),
+                                     qo, _mm512_loadu_si512(d + 128 * i + 64));
+        acc[r] = _mm512_fmadd_ps(digits_sum(a), _mm512_mul_ps(wscale(scale + (n + r) * ng, gof(c)), xs), acc[r]);
+      }
+    }
+    for (int64_t c = K128; c < K64; c += 64) {  // a 64-column chunk: 8 lanes, the same scheme
+      pf.codes(n, ROWS, c);
+      const int8_t* d = xd + 4 * c;
+      const __m256 xs = _mm256_loadu_ps(lane_scale + c / 8);
+      if constexpr (ROWS % 2 == 0) {  // two rows per 512-bit register (row r: lanes 0..7, r + 1: 8..15)
+        const __m512 xs2 = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(xs)));
+        for (int r = 0; r < ROWS; r += 2) {
+          const uint8_t* r0 = qw + (n + r) * (K / 2) + c / 2;
+          const __m512i v = _mm512_inserti64x4(
+              _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0))),
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + K / 2)), 1);
+          const __m512i qe = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+          const __m512i qo = _mm512_and_si512(_mm512_srli_epi32(v, 4), _mm512_set1_epi8(0x0f));
+          __m512i a[4];
+          for (int i = 0; i < 4; ++i) {
+            const __m512i de = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 64 * i)));
+            const __m512i dd = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 64 * i + 32)));
+            a[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), qe, de), qo, dd);
+          }
+          const __m512 s2 = _mm512_castpd_ps(_mm512_insertf64x4(
+              _mm512_castpd256_pd512(_mm256_castps_pd(chunk_scale(scale + (n + r) * ng, c, gof))),
+              _mm256_castps_pd(chunk_scale(scale + (n + r + 1) * ng, c, gof)), 1));
+          const __m512 prod = _mm512_mul_ps(digits_sum(a), _mm512_mul_ps(s2, xs2));
+          acc[r] = _mm512_mask_add_ps(acc[r], 0x00ff, acc[r], prod);
+          const __m512 high = _mm512_castps256_ps512(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(prod), 1)));
+          acc[r + 1] = _mm512_mask_add_ps(acc[r + 1], 0x00ff, acc[r + 1], high);
+        }
+      } else {
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (n + r) * (K / 2) + c / 2));
+          const __m256i qe = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+          const __m256i qo = _mm256_and_si256(_mm256_srli_epi32(v, 4), _mm256_set1_epi8(0x0f));
+          __m256i a[4];
+          for (int i = 0; i < 4; ++i) {
+            const __m256i de = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 64 * i));
+            const __m256i dd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 64 * i + 32));
+            a[i] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), qe, de), qo, dd);
+          }
+          const __m256 prod = _mm256_mul_ps(digits_sum(a),
+                                            _mm256_mul_ps(chunk_scale(scale + (n + r) * ng, c, gof), xs));
+          acc[r] = _mm512_mask_add_ps(acc[r], 0x00ff, acc[r], _mm512_castps256_ps512(prod));  // into lanes 0..7
+        }
+      }
+    }
+    for (int64_t g = 0; g < ng; g += 16) {  // the min terms: mn[g] * sum of x over group g
+      const __mmask16 mk = ng - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ng - g)) - 1);
+      const __m512 xg = _mm512_maskz_loadu_ps(mk, xsum + g);
+      for (int r = 0; r < ROWS; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, mins + (n + r) * ng + g)), xg, acc[r]);
+    }
+    if constexpr (ROWS == 8) {
+      float out[8];
+      sum8(acc, out);
+      for (int r = 0; r < ROWS; ++r) y[n + r] = K64 < K ? out[r] + tail[r][0] : out[r];
+    } else {
+      for (int r = 0; r < ROWS; ++r) y[n + r] = K64 < K ? sum16(acc[r]) + tail[r][0] : sum16(acc[r]);
+    }
+  }
+}
+
+// One thread's share of a 1-token call on the VNNI kernel: output rows [b, e), 8 rows per step,
+// then 4, then one by one (the same per-row arithmetic in all three).
+inline void q4_chunk_vnni(const int8_t* xd, const float* lane_scale, const float* x, const float* xsum,
+                          const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y, int64_t N,
+                          int64_t K, int64_t G, int64_t b, int64_t e) {
+  const int64_t m8 = b + (e - b) / 8 * 8;
+  const int64_t mid = m8 + (e - m8) / 4 * 4;
+  q4_gemv1_vnni<8>(xd, lane_scale, x, xsum, q, s, mn, y, K, G, b, m8, N);
+  q4_gemv1_vnni<4>(xd, lane_scale, x, xsum, q, s, mn, y, K, G, m8, mid, N);
+  q4_gemv1_vnni<1>(xd, lane_scale, x, xsum, q, s, mn, y, K, G, mid, e, N);
+}
+#endif  // MOPS_INT4_VNNI
 
 // M > 1: rows n in [n0, n1) of y [M, N], rows of x in tiles of MT (1 or 4) whose dot products are
 // independent FMA chains; each chunk (128 columns below K128, then 64) is decoded once into

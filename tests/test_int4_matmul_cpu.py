@@ -83,6 +83,113 @@ def test_an_avx512_cpu_takes_the_wide_layout(monkeypatch):
     assert not torch.equal(_kernel(x, qw), narrow)
 
 
+_VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+
+
+def _vnni_active():
+    return _VNNI <= set(_cpu_flags()) and _backend.extension().cpu_isa() == "avx2"
+
+
+def _fp32_and_vnni(monkeypatch, x, qw):
+    monkeypatch.setenv("MOPS_INT4_CPU_VNNI", "0")
+    fp32 = _kernel(x, qw)
+    monkeypatch.setenv("MOPS_INT4_CPU_VNNI", "1")
+    return fp32, _kernel(x, qw)
+
+
+# K: 576 = 4 x 128 + 64, 608 = 4 x 128 + 64 + 32 (the fp32 tail), 640 = 5 x 128, 1536 (48 groups:
+# three 16-group steps of min terms), 128; N: 8-, 4- and 1-row steps and what they leave
+@pytest.mark.skipif(not _VNNI <= set(_cpu_flags()), reason="the CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("G,K", [(32, 576), (32, 608), (64, 576), (64, 1536), (128, 640), (32, 128), (128, 128)])
+@pytest.mark.parametrize("N", [1, 5, 13, 195])
+def test_vnni_kernel_matches_fp64_and_the_fp32_kernel(monkeypatch, G, K, N):
+    """One token on an AVX-512 VNNI CPU: integer dot products of the codes with x as 31-bit fixed
+    point per group (int4_matmul_cpu_kernel.h). Against the fp64 product it errs no more than the
+    fp32 kernel, also beside an outlier 200x its group and a group of zeros."""
+    if not _vnni_active():
+        pytest.skip("the avx2 kernels are not the active ones")
+    qw = quantize(torch.randn(N, K) * 0.05 + 0.01 * torch.randn(N, 1), bits=4, group_size=G)
+    x = torch.randn(1, K)
+    x[0, 3] = 200.0          # an outlier: its group's other values keep 2^-31 of it
+    x[0, G:2 * G] = 0.0      # a group of zeros
+    ref = x.double() @ qw.dequantize(torch.float64).t()
+    fp32, vnni = _fp32_and_vnni(monkeypatch, x, qw)
+    assert vnni.shape == (1, N) and vnni.dtype == torch.float32
+    e32, ev = rel_err(fp32, ref), rel_err(vnni, ref)
+    assert ev <= 1e-6 and ev <= 2 * e32 + 1e-7, (ev, e32)
+    # per value, against the size of its terms (the condition of the sum)
+    scale = x.double().abs() @ qw.dequantize(torch.float64).abs().t()
+    pv, p32 = (((y.double() - ref).abs() / scale).max().item() for y in (vnni, fp32))
+    assert pv <= 2 * p32 + 2e-7, (pv, p32)
+
+
+@pytest.mark.skipif(not _VNNI <= set(_cpu_flags()), reason="the CPU has no AVX-512 VNNI")
+def test_vnni_kernel_is_the_default_and_its_bits_do_not_depend_on_rows_or_threads(monkeypatch):
+    """The default on such a CPU (its bits differ from the fp32 kernel's); a row's value is the same
+    bits whether it ran in an 8-, 4- or 1-row step, on one thread or two (our helpers or not)."""
+    if not _vnni_active():
+        pytest.skip("the avx2 kernels are not the active ones")
+    qw = quantize(torch.randn(203, 576) * 0.05, bits=4, group_size=32)
+    x = torch.randn(1, 576)
+    monkeypatch.delenv("MOPS_INT4_CPU_VNNI", raising=False)
+    default = _kernel(x, qw)
+    monkeypatch.setenv("MOPS_INT4_CPU_VNNI", "0")
+    assert not torch.equal(default, _kernel(x, qw))
+    monkeypatch.delenv("MOPS_INT4_CPU_VNNI")
+    rows = torch.cat([_kernel(x, quantize_rows(qw, i, i + 1)) for i in range(203)], dim=1)
+    assert torch.equal(rows, default)
+    threads = torch.get_num_threads()
+    try:
+        for t, helpers in ((1, "0"), (2, "1"), (2, "0")):
+            torch.set_num_threads(t)
+            monkeypatch.setenv("MOPS_INT4_CPU_HELPERS", helpers)
+            assert torch.equal(_kernel(x, qw), default), (t, helpers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def quantize_rows(qw, a, b):
+    """Rows a..b-1 of a 4-bit QuantizedWeight (the same codes, scales and mins)."""
+    from mops_kernels.ops.quant_format import QuantizedWeight
+    return QuantizedWeight(qw.qweight[a:b].contiguous(), qw.scale[a:b].contiguous(), qw.min[a:b].contiguous(),
+                           (b - a, qw.shape[1]), qw.group_size, qw.bits)
+
+
+@pytest.mark.skipif(not _VNNI <= set(_cpu_flags()), reason="the CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("case", ["nan", "inf", "tiny", "subnormal", "bf16", "strided"])
+def test_vnni_kernel_hands_back_what_its_fixed_point_cannot_carry(monkeypatch, case):
+    """x with a NaN or an infinity, or a group below 2^-64 that is not zero (its scale would be an
+    fp32 subnormal): the fp32 kernel runs instead, so the result is its bits (NaN where it has
+    NaN). bf16 and strided x are converted to contiguous fp32 first and take the integer kernel."""
+    if not _vnni_active():
+        pytest.skip("the avx2 kernels are not the active ones")
+    qw = quantize(torch.randn(37, 576) * 0.05, bits=4, group_size=32)
+    x = torch.randn(1, 576)
+    if case == "nan":
+        x[0, 100] = float("nan")
+    elif case == "inf":
+        x[0, 7] = float("-inf")
+    elif case == "tiny":
+        x[0, 64:96] = 1e-25
+    elif case == "subnormal":
+        x[0, 0:32] = 1e-40
+    elif case == "bf16":
+        x = x.bfloat16()
+    else:
+        x = torch.randn(576, 2)[:, :1].t()
+        assert not x.is_contiguous()
+    fp32, vnni = _fp32_and_vnni(monkeypatch, x, qw)
+    if case in ("nan", "inf", "tiny", "subnormal"):
+        assert torch.equal(vnni.isnan(), fp32.isnan()) and torch.equal(vnni.nan_to_num(), fp32.nan_to_num())
+        if case == "nan":
+            assert vnni.isnan().all()
+    else:
+        assert vnni.dtype == x.dtype
+        ref = x.double() @ qw.dequantize(torch.float64).t()
+        assert not torch.equal(vnni, fp32) or case == "bf16"
+        assert rel_err(vnni, ref) <= (1e-2 if case == "bf16" else 1e-6)
+
+
 def _on_and_off_match_fp64(monkeypatch, var, on, bits, G, K, N, M):
     """A path switched on (var=on) and off (var=1000000): each equals the fp64 product, and they equal
     each other within fp32 rounding."""
