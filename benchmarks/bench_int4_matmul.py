@@ -3,6 +3,11 @@
     python benchmarks/bench_int4_matmul.py            # GPU if there is one, else CPU
     python benchmarks/bench_int4_matmul.py --quick    # CPU, < 1 min
     python benchmarks/bench_int4_matmul.py --decode   # CPU, M = 1 on every SmolLM2 matrix, < 1 min
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_int4_matmul.py --decode   # as our programs run
+
+On the CPU each row's note names OMP_WAIT_POLICY: unset (OpenMP's default, a drop-in import), our
+kernels split a call over OpenMP's threads, and only from 131k multiply-adds; PASSIVE (which our
+programs set), over the package's own spinning helpers, from 65k.
 
 Shapes are N x K (y = x @ W^T, x [M, K]); M (tokens) is swept over 1, 2, 4, 8, 16.
 CPU: `--ms 32,64` (any M >= 12) adds ours/cpu-kernel-no-gemm (the kernel with its AVX-512 GEMM off,
@@ -151,7 +156,8 @@ def main():
             common = dict(shapes=shp, dtype=dname, bytes=nbytes, flops=flops, reps=reps, copies=n_copies)
             if not cuda:  # a shared CPU: the row says how busy it was (and how ours/cpu threads)
                 common["note"] = (f"loadavg {os.getloadavg()[0]:.2f}; MOPS_INT4_CPU_HELPERS="
-                                  f"{os.environ.get('MOPS_INT4_CPU_HELPERS', 'auto')}")
+                                  f"{os.environ.get('MOPS_INT4_CPU_HELPERS', 'auto')}; OMP_WAIT_POLICY="
+                                  f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}")
             # the reference dequantizes the whole weight every call: fewer repetitions of it
             bench.run("reference", lambda: reference.int4_matmul(x, qw), **{**common, "reps": 5, "copies": 1})
             bench.run("float matmul", lambda: torch.matmul(x, denses[next(dturn)].t()), **{**common, "copies": n_dense})
