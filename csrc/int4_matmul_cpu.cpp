@@ -280,7 +280,7 @@ static at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qw
       const int64_t ng = K / group_size;
       thread_local std::vector<int8_t> digits;
       thread_local std::vector<float> fbuf;
-      digits.resize(4 * K);
+      digits.resize(3 * K);
       fbuf.resize(K / 8 + ng);
       float* lane_scale = fbuf.data();
       float* xsum = lane_scale + K / 8;

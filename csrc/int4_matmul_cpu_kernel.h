@@ -360,73 +360,77 @@ void q4_gemv1(const float* xp, const float* xsum, const uint8_t* qw, const uint1
 }
 
 #ifdef MOPS_INT4_VNNI
-// ---- 4-bit, M = 1, AVX-512 VNNI: integer dot products at fp32 precision ----------------------
-// x as a 31-bit fixed-point number per group g: x = X * 2^(e_g - 30), |x| < 2^e_g, X an integer with
-// |X| <= 2^30, rounding x to X erring by at most 2^-31 * 2^e_g (the group's largest value kept to 30
-// bits, the others to 2^-31 of it: finer than fp32's own rounding of the products and their sum,
-// even beside an outlier 100x its group). X is split into four signed bytes, X = 2^24 d3 + 2^16 d2
-// + 2^8 d1 + d0 (d0..d2 in [-128, 127], |d3| <= 65), and the codes stay integers: vpdpbusd
-// multiplies 4 unsigned bytes (codes 0..15) by 4 signed bytes (digits) and adds them into a 32-bit
-// lane. A 64-byte load of codes (128 columns: byte t = columns 2t (low nibble) and 2t + 1 (high))
-// gives the even columns' codes as v & 0x0f and the odd columns' as (v >> 4) & 0x0f: three
-// instructions for 128 codes, eight vpdpbusd for their products with the four digits, then per lane
-// a0 + 2^8 a1 + 2^16 a2 (|a| <= 8 * 15 * 128 per lane and chunk: below 2^30, exact as int32) and
-// 2^24 a3 summed in fp32 (one rounding). So y += (that sum) * scale_g * 2^(e_g - 30), where the fp32
-// kernel spends two ands, two converts and two FMAs per 16 codes.
-// x's layout (vnni_prepare_x): per chunk of W = 128 (or 64) columns at c, for digit i = 0..3, the
-// W/2 bytes of the even columns (byte t: column c + 2t), then of the odd ones, at 4c + i W.
+// ---- 4-bit, M = 1, AVX-512 VNNI: integer dot products ------------------------------------------
+// x as 23-bit fixed point per 8 columns l (one 32-bit lane of the kernels' accumulators):
+// x = X * 2^(e_l - 22), |x| < 2^e_l, X an integer with |X| <= 2^22, so rounding x to X errs by at
+// most 2^-23 * 2^e_l <= 2^-22 * (the largest |x| of those 8 columns): about fp32's own rounding of
+// the products for x of one scale (the tests: within 2x of the fp32 kernel's error against fp64,
+// relative to the size of the terms), coarser beside an outlier in the same 8 columns (200x: ~4e-6
+// against the fp32 kernel's ~1.4e-6, where SPEC allows 1e-4). X is split into three signed bytes,
+// X = 2^16 d2 + 2^8 d1 + d0 (d0, d1 in [-128, 127], |d2| <= 65), and the codes stay integers:
+// vpdpbusd multiplies 4 unsigned bytes (codes 0..15) by 4 signed bytes (digits) and adds them into a
+// 32-bit lane. A 64-byte load of codes (128 columns: byte t = columns 2t (low nibble) and 2t + 1
+// (high)) gives the even columns' codes as v & 0x0f and the odd columns' as (v >> 4) & 0x0f: three
+// instructions for 128 codes, six vpdpbusd for their products with the three digits, then per lane
+// a0 + 2^8 a1 + 2^16 a2 (|a| <= 8 * 15 * 128 per lane and chunk: below 2^30, exact as int32) and one
+// conversion, so y += (that sum) * scale_g * 2^(e_l - 22): where the fp32 kernel spends two ands, two
+// converts and two FMAs per 16 codes, this spends 1.5 vpdpbusd (whose throughput bounds it: ~8.5 ns
+// per 576-column row on the development machine's Zen 5, against ~12 for the fp32 kernel; ad hoc).
+// x's layout (vnni_prepare_x): per chunk of W = 128 (or 64) columns at c, for digit i = 0..2, the
+// W/2 bytes of the even columns (byte t: column c + 2t), then of the odd ones, at 3c + i W.
 // Runs where G divides 128 (the wide layout's chunks); the K % 64 == 32 tail as in the fp32 kernel
 // (q4_tail, with x in natural order), the min terms in the lanes (16 groups per step).
 
-// x [K] -> xd [4 K] (the digits, the layout above), lane_scale [K/8] (2^(e_g - 30) of columns
-// 8l..8l+7), xsum [K/G]. False (nothing usable) when x holds a NaN or an infinity, or a group of x
-// below 2^-64 that is not all zeros (its scale would lose precision as an fp32 subnormal): the
+// x [K] -> xd [3 K] (the digits, the layout above), lane_scale [K/8] (2^(e_l - 22) of columns
+// 8l..8l+7), xsum [K/G]. False (nothing usable) when x holds a NaN or an infinity, or 8 columns
+// below 2^-64 that are not all zeros (their scale would lose precision as an fp32 subnormal): the
 // caller runs the fp32 kernel then.
 inline bool vnni_prepare_x(const float* x, int8_t* xd, float* lane_scale, float* xsum, int64_t K, int64_t G) {
   const int64_t ng = K / G, K64 = K - K % 64, K128 = K - K % 128;
+  for (int64_t g = 0; g < ng; ++g) {  // the min terms' sums of x
+    __m512 sum = _mm512_loadu_ps(x + g * G);
+    for (int64_t c = 16; c < G; c += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(x + g * G + c));
+    xsum[g] = _mm512_reduce_add_ps(sum);
+  }
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i expo = _mm512_set1_epi32(0x7f800000);
   __mmask16 bad = 0;
-  for (int64_t g = 0; g < ng; ++g) {
-    const float* xg = x + g * G;
-    __m512 mx = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-    for (int64_t c = 0; c < G; c += 16) {
-      const __m512 v = _mm512_loadu_ps(xg + c);
-      const __m512i ex = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7f800000));
-      bad |= _mm512_cmpeq_epi32_mask(ex, _mm512_set1_epi32(0x7f800000));  // NaN or +-inf
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-      sum = _mm512_add_ps(sum, v);
+  for (int64_t c = 0; c < K64; c += 32) {  // 32 columns (4 lanes of 8): 16 even, 16 odd
+    __m512i X2[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v = _mm512_loadu_ps(x + c + 16 * h);
+      // each lane's largest |x| in all 8 of its places (pairs, quads, then the lanes' two halves)
+      __m512 m = _mm512_abs_ps(v);
+      m = _mm512_max_ps(m, _mm512_permute_ps(m, 0xb1));
+      m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4e));
+      m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xb1));
+      const __m512i mb = _mm512_castps_si512(m);
+      bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(mb, expo), expo);         // NaN or +-inf
+      // m < 2^e: e = biased exponent - 126 (-126 for a subnormal or zero m)
+      const __m512i e = _mm512_sub_epi32(_mm512_max_epi32(_mm512_srli_epi32(mb, 23), _mm512_set1_epi32(0)),
+                                         _mm512_set1_epi32(126));
+      const __mmask16 zero = _mm512_cmpeq_epi32_mask(mb, _mm512_setzero_si512());
+      bad |= _mm512_mask_cmplt_epi32_mask(~zero, e, _mm512_set1_epi32(-64));  // a lane below 2^-64
+      X2[h] = _mm512_cvtps_epi32(_mm512_scalef_ps(v, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(22), e))));
+      // 2^(e - 22) from its bits (e - 22 >= -86 where used: a normal float), 0 for a lane of zeros
+      const __m512 ls = _mm512_maskz_mov_ps(~zero, _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_add_epi32(e, _mm512_set1_epi32(127 - 22)), 23)));
+      lane_scale[(c + 16 * h) / 8] = _mm512_cvtss_f32(ls);
+      lane_scale[(c + 16 * h) / 8 + 1] = _mm512_cvtss_f32(_mm512_shuffle_f32x4(ls, ls, 0x0e));
     }
-    xsum[g] = _mm512_reduce_add_ps(sum);  // the min terms' sums of x
-    const float m = _mm512_reduce_max_ps(mx);
-    uint32_t bits;
-    std::memcpy(&bits, &m, 4);
-    const int eb = (int)(bits >> 23);       // biased exponent (sign is 0)
-    const int e = eb ? eb - 126 : -126;     // m < 2^e
-    if (m != 0.f && e < -64) return false;
-    // 2^(e - 30) from its bits (e - 30 >= -94: a normal float), 0 for a group of zeros
-    const uint32_t lb = m == 0.f ? 0u : (uint32_t)(e - 30 + 127) << 23;
-    float ls;
-    std::memcpy(&ls, &lb, 4);
-    for (int64_t l = g * G / 8; l < (g + 1) * G / 8; ++l) lane_scale[l] = ls;
-    const __m512 sh = _mm512_set1_ps((float)(30 - e));
-    for (int64_t c = g * G; c < (g + 1) * G && c < K64; c += 32) {  // 32 columns: 16 even, 16 odd
-      const __m512i A = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_loadu_ps(x + c), sh));
-      const __m512i B = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_loadu_ps(x + c + 16), sh));
-      const int64_t c0 = c < K128 ? c - c % 128 : c - (c - K128) % 64;  // its chunk
-      const int64_t W = c < K128 ? 128 : 64;
-      for (int par = 0; par < 2; ++par) {
-        const __m512i X = _mm512_permutex2var_epi32(A, par ? odd : even, B);
-        // balanced digits from bytes: X + 0x808080 = sum 2^8i c_i (c_0..c_2 in 0..255), so
-        // d_i = c_i - 128 (the byte xor 0x80, read as signed) for i < 3, and d3 = (X + 0x808080) >> 24
-        const __m512i Xb = _mm512_add_epi32(X, _mm512_set1_epi32(0x808080));
-        const __m512i V = _mm512_xor_si512(Xb, _mm512_set1_epi32(0x808080));
-        int8_t* o = xd + 4 * c0 + par * (W / 2) + (c - c0) / 2;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm512_cvtepi32_epi8(V));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + W), _mm512_cvtepi32_epi8(_mm512_srli_epi32(V, 8)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * W), _mm512_cvtepi32_epi8(_mm512_srli_epi32(V, 16)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 3 * W), _mm512_cvtepi32_epi8(_mm512_srai_epi32(Xb, 24)));
-      }
+    const int64_t c0 = c < K128 ? c - c % 128 : c - (c - K128) % 64;  // its chunk
+    const int64_t W = c < K128 ? 128 : 64;
+    for (int par = 0; par < 2; ++par) {
+      const __m512i X = _mm512_permutex2var_epi32(X2[0], par ? odd : even, X2[1]);
+      // balanced digits from bytes: X + 0x8080 = sum 2^8i c_i (c_0, c_1 in 0..255), so d_i = c_i - 128
+      // (the byte xor 0x80, read as signed) for i < 2, and d2 = (X + 0x8080) >> 16 (|X| <= 2^22: |d2| <= 65)
+      const __m512i Xb = _mm512_add_epi32(X, _mm512_set1_epi32(0x8080));
+      const __m512i V = _mm512_xor_si512(Xb, _mm512_set1_epi32(0x8080));
+      int8_t* o = xd + 3 * c0 + par * (W / 2) + (c - c0) / 2;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm512_cvtepi32_epi8(V));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + W), _mm512_cvtepi32_epi8(_mm512_srli_epi32(V, 8)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * W), _mm512_cvtepi32_epi8(_mm512_srai_epi32(Xb, 16)));
     }
   }
   return !bad;
@@ -460,14 +464,12 @@ inline void sum8(const __m512 (&a)[8], float* y) {
   _mm256_storeu_ps(y, _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
-// (a0 + 2^8 a1 + 2^16 a2, exact as int32: below 2^30, see above) + 2^24 a3, one fp32 rounding
-inline __m512 digits_sum(const __m512i (&a)[4]) {
-  const __m512i low = _mm512_add_epi32(_mm512_add_epi32(a[0], _mm512_slli_epi32(a[1], 8)), _mm512_slli_epi32(a[2], 16));
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[3]), _mm512_set1_ps(16777216.f), _mm512_cvtepi32_ps(low));
+// a0 + 2^8 a1 + 2^16 a2 as fp32 (exact as int32: below 2^30, see above; one rounding to fp32)
+inline __m512 digits_sum(const __m512i (&a)[3]) {
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(a[0], _mm512_slli_epi32(a[1], 8)), _mm512_slli_epi32(a[2], 16)));
 }
-inline __m256 digits_sum(const __m256i (&a)[4]) {
-  const __m256i low = _mm256_add_epi32(_mm256_add_epi32(a[0], _mm256_slli_epi32(a[1], 8)), _mm256_slli_epi32(a[2], 16));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[3]), _mm256_set1_ps(16777216.f), _mm256_cvtepi32_ps(low));
+inline __m256 digits_sum(const __m256i (&a)[3]) {
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(a[0], _mm256_slli_epi32(a[1], 8)), _mm256_slli_epi32(a[2], 16)));
 }
 
 // Rows n in [n0, n1) of y [N], ROWS weight rows per step (they share the x loads); x: natural order
@@ -492,14 +494,14 @@ void q4_gemv1_vnni(const int8_t* xd, const float* lane_scale, const float* x, co
     for (int64_t c = 0; c < K128; c += 128) {
       pf.codes(n, ROWS, c);
       pf.codes(n, ROWS, c + 64);
-      const int8_t* d = xd + 4 * c;
+      const int8_t* d = xd + 3 * c;
       const __m512 xs = _mm512_loadu_ps(lane_scale + c / 8);
       for (int r = 0; r < ROWS; ++r) {
         const __m512i v = _mm512_loadu_si512(qw + (n + r) * (K / 2) + c / 2);
         const __m512i qe = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
         const __m512i qo = _mm512_and_si512(_mm512_srli_epi32(v, 4), _mm512_set1_epi8(0x0f));
-        __m512i a[4];
-        for (int i = 0; i < 4; ++i)
+        __m512i a[3];
+        for (int i = 0; i < 3; ++i)
           a[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), qe, _mm512_loadu_si512(d + 128 * i)),
                                      qo, _mm512_loadu_si512(d + 128 * i + 64));
         acc[r] = _mm512_fmadd_ps(digits_sum(a), _mm512_mul_ps(wscale(scale + (n + r) * ng, gof(c)), xs), acc[r]);
@@ -507,7 +509,7 @@ void q4_gemv1_vnni(const int8_t* xd, const float* lane_scale, const float* x, co
     }
     for (int64_t c = K128; c < K64; c += 64) {  // a 64-column chunk: 8 lanes, the same scheme
       pf.codes(n, ROWS, c);
-      const int8_t* d = xd + 4 * c;
+      const int8_t* d = xd + 3 * c;
       const __m256 xs = _mm256_loadu_ps(lane_scale + c / 8);
       if constexpr (ROWS % 2 == 0) {  // two rows per 512-bit register (row r: lanes 0..7, r + 1: 8..15)
         const __m512 xs2 = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(xs)));
@@ -518,8 +520,8 @@ void q4_gemv1_vnni(const int8_t* xd, const float* lane_scale, const float* x, co
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + K / 2)), 1);
           const __m512i qe = _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
           const __m512i qo = _mm512_and_si512(_mm512_srli_epi32(v, 4), _mm512_set1_epi8(0x0f));
-          __m512i a[4];
-          for (int i = 0; i < 4; ++i) {
+          __m512i a[3];
+          for (int i = 0; i < 3; ++i) {
             const __m512i de = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 64 * i)));
             const __m512i dd = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 64 * i + 32)));
             a[i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), qe, de), qo, dd);
@@ -537,8 +539,8 @@ void q4_gemv1_vnni(const int8_t* xd, const float* lane_scale, const float* x, co
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (n + r) * (K / 2) + c / 2));
           const __m256i qe = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
           const __m256i qo = _mm256_and_si256(_mm256_srli_epi32(v, 4), _mm256_set1_epi8(0x0f));
-          __m256i a[4];
-          for (int i = 0; i < 4; ++i) {
+          __m256i a[3];
+          for (int i = 0; i < 3; ++i) {
             const __m256i de = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 64 * i));
             const __m256i dd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + 64 * i + 32));
             a[i] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), qe, de), qo, dd);

@@ -102,25 +102,27 @@ def _fp32_and_vnni(monkeypatch, x, qw):
 @pytest.mark.skipif(not _VNNI <= set(_cpu_flags()), reason="the CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize("G,K", [(32, 576), (32, 608), (64, 576), (64, 1536), (128, 640), (32, 128), (128, 128)])
 @pytest.mark.parametrize("N", [1, 5, 13, 195])
-def test_vnni_kernel_matches_fp64_and_the_fp32_kernel(monkeypatch, G, K, N):
-    """One token on an AVX-512 VNNI CPU: integer dot products of the codes with x as 31-bit fixed
-    point per group (int4_matmul_cpu_kernel.h). Against the fp64 product it errs no more than the
-    fp32 kernel, also beside an outlier 200x its group and a group of zeros."""
+@pytest.mark.parametrize("outlier", [False, True])
+def test_vnni_kernel_matches_fp64_and_the_fp32_kernel(monkeypatch, G, K, N, outlier):
+    """One token on an AVX-512 VNNI CPU: integer dot products of the codes with x as 23-bit fixed
+    point per 8 columns (int4_matmul_cpu_kernel.h), with a group of zeros. Against the fp64 product,
+    per value and relative to the size of its terms (the sum's condition): within twice the fp32
+    kernel's error; beside an outlier 200x its neighbours (which then keep 2^-22 of it), within
+    1e-5 (the fp32 kernel: ~1.4e-6; SPEC's bound: 1e-4 relative)."""
     if not _vnni_active():
         pytest.skip("the avx2 kernels are not the active ones")
     qw = quantize(torch.randn(N, K) * 0.05 + 0.01 * torch.randn(N, 1), bits=4, group_size=G)
     x = torch.randn(1, K)
-    x[0, 3] = 200.0          # an outlier: its group's other values keep 2^-31 of it
+    if outlier:
+        x[0, 3] = 200.0
     x[0, G:2 * G] = 0.0      # a group of zeros
     ref = x.double() @ qw.dequantize(torch.float64).t()
     fp32, vnni = _fp32_and_vnni(monkeypatch, x, qw)
     assert vnni.shape == (1, N) and vnni.dtype == torch.float32
-    e32, ev = rel_err(fp32, ref), rel_err(vnni, ref)
-    assert ev <= 1e-6 and ev <= 2 * e32 + 1e-7, (ev, e32)
-    # per value, against the size of its terms (the condition of the sum)
+    assert rel_err(vnni, ref) <= 1e-5, rel_err(vnni, ref)
     scale = x.double().abs() @ qw.dequantize(torch.float64).abs().t()
     pv, p32 = (((y.double() - ref).abs() / scale).max().item() for y in (vnni, fp32))
-    assert pv <= 2 * p32 + 2e-7, (pv, p32)
+    assert pv <= (1e-5 if outlier else 2 * p32 + 1e-7), (pv, p32)
 
 
 @pytest.mark.skipif(not _VNNI <= set(_cpu_flags()), reason="the CPU has no AVX-512 VNNI")
@@ -158,8 +160,8 @@ def quantize_rows(qw, a, b):
 @pytest.mark.skipif(not _VNNI <= set(_cpu_flags()), reason="the CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize("case", ["nan", "inf", "tiny", "subnormal", "bf16", "strided"])
 def test_vnni_kernel_hands_back_what_its_fixed_point_cannot_carry(monkeypatch, case):
-    """x with a NaN or an infinity, or a group below 2^-64 that is not zero (its scale would be an
-    fp32 subnormal): the fp32 kernel runs instead, so the result is its bits (NaN where it has
+    """x with a NaN or an infinity, or 8 columns below 2^-64 that are not zero (their scale would be
+    an fp32 subnormal): the fp32 kernel runs instead, so the result is its bits (NaN where it has
     NaN). bf16 and strided x are converted to contiguous fp32 first and take the integer kernel."""
     if not _vnni_active():
         pytest.skip("the avx2 kernels are not the active ones")
