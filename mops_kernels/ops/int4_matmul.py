@@ -430,6 +430,9 @@ class Int4MatmulFunction(torch.autograd.Function):
 # MOPS_BACKEND / TRITON_INTERPRET values (_backend._dispatch_env) under which the dispatcher has picked
 # the CPU extension kernel for a CPU call: its function, for int4_matmul's fast path.
 _CPU_FAST = {}
+# the dispatch environment read inline on the fast path (_backend._dispatch_env without its call)
+_ENV_STORE = _backend._ENV_STORE if _backend._ENV_KEYS is not None else None
+_ENV_K0, _ENV_K1 = _backend._ENV_KEYS or (None, None)
 
 
 def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -441,7 +444,8 @@ def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tenso
     # (x.is_cpu, not x.device.type == "cpu": building the device object costs 0.2 us)
     if bias is None and type(qw) is QuantizedWeight and x.is_cpu and x.dim() == 2 and not (
             x.requires_grad and torch.is_grad_enabled()):
-        fast = _CPU_FAST.get(_backend._dispatch_env())
+        fast = _CPU_FAST.get((_ENV_STORE.get(_ENV_K0), _ENV_STORE.get(_ENV_K1)) if _ENV_STORE is not None
+                             else _backend._dispatch_env())
         if fast is not None:
             try:
                 return fast(x, qw.qweight, qw.scale, qw.min, qw.group_size, qw.bits)
