@@ -83,6 +83,28 @@ def test_an_avx512_cpu_takes_the_wide_layout(monkeypatch):
     assert not torch.equal(_kernel(x, qw), narrow)
 
 
+def test_the_fast_binding_equals_the_pybind11_one_and_refuses_with_runtime_error():
+    """int4_matmul_cpu_fast (plain CPython, the op's CPU fast path) returns what int4_matmul_cpu
+    returns, 4- and 8-bit (min None), and answers anything else with RuntimeError (the op's fast path
+    then takes its checked path, whose errors name the op)."""
+    ext = _backend.extension()
+    for bits in (4, 8):
+        qw = quantize(torch.randn(37, 576) * 0.05, bits=bits, group_size=32)
+        for m in (1, 3):
+            x = torch.randn(m, 576)
+            assert torch.equal(ext.int4_matmul_cpu_fast(x, qw.qweight, qw.scale, qw.min, 32, bits), _kernel(x, qw))
+    qw = quantize(torch.randn(37, 576) * 0.05, bits=4, group_size=32)
+    x = torch.randn(1, 576)
+    for bad in [(x,), (x.numpy(), qw.qweight, qw.scale, qw.min, 32, 4), (x, qw.qweight, qw.scale, 0, 32, 4),
+                (x, qw.qweight, qw.scale, qw.min, 32.0, 4), (x, qw.qweight, qw.scale, qw.min, 2 ** 70, 4),
+                (x, qw.qweight, qw.scale, None, 32, 4), (torch.randn(1, 575), qw.qweight, qw.scale, qw.min, 32, 4)]:
+        with pytest.raises(RuntimeError):
+            ext.int4_matmul_cpu_fast(*bad)
+    from mops_kernels.ops.int4_matmul import int4_matmul
+    with pytest.raises(ValueError):   # through the op: its own checked error
+        int4_matmul(torch.randn(1, 575), qw)
+
+
 _VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 
 

@@ -461,7 +461,8 @@ def int4_matmul(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tenso
         x2 = x2.contiguous()
     impl = _backend.dispatch("int4_matmul", x.device, x2, qw)
     if impl.fn is _forward_cpu and x.device.type == "cpu":
-        _CPU_FAST[_backend._dispatch_env()] = _backend.extension().int4_matmul_cpu
+        ext = _backend.extension()    # the kernel without pybind11's dispatcher where the build has it
+        _CPU_FAST[_backend._dispatch_env()] = getattr(ext, "int4_matmul_cpu_fast", ext.int4_matmul_cpu)
     if torch.is_grad_enabled() and x2.requires_grad:
         y = Int4MatmulFunction.apply(x2, qw, impl)
     else:  # inference (decode): skip the autograd.Function's ~10 us per call
