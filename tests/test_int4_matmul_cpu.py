@@ -120,9 +120,11 @@ def _fp32_and_vnni(monkeypatch, x, qw):
 
 
 # K: 576 = 4 x 128 + 64, 608 = 4 x 128 + 64 + 32 (the fp32 tail), 640 = 5 x 128, 1536 (48 groups:
-# three 16-group steps of min terms), 128; N: 8-, 4- and 1-row steps and what they leave
+# three 16-group steps of min terms), 128, 4160 = 32 x 128 + 64 (130 groups), 11008 (Llama-7B's MLP,
+# 86 groups of 128); N: 8-, 4- and 1-row steps and what they leave
 @pytest.mark.skipif(not _VNNI <= set(_cpu_flags()), reason="the CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("G,K", [(32, 576), (32, 608), (64, 576), (64, 1536), (128, 640), (32, 128), (128, 128)])
+@pytest.mark.parametrize("G,K", [(32, 576), (32, 608), (64, 576), (64, 1536), (128, 640), (32, 128), (128, 128),
+                                 (32, 4160), (128, 11008)])
 @pytest.mark.parametrize("N", [1, 5, 13, 195])
 @pytest.mark.parametrize("outlier", [False, True])
 def test_vnni_kernel_matches_fp64_and_the_fp32_kernel(monkeypatch, G, K, N, outlier):
