@@ -37,9 +37,11 @@ bandwidth = 145, see csrc/int4_matmul_kernel.cuh):
             weight rows per step), dequantized tiles + BLAS above; on an AVX-512 CPU (128-column
             layout) dot products from dequantized 12-row fp32 panels for M = 2..11 where a panel fits
             in 32 KiB (K <= 682; 8-bit from M = 4), and a register-blocked GEMM on those panels from
-            M = 12. A 2-D CPU call without bias or autograd goes straight to the kernel once the
-            dispatcher has picked it (`_CPU_FAST`); the kernel checks every argument, and what it
-            refuses takes the checked path here.
+            M = 12; on an AVX-512 VNNI CPU, M = 1 (4-bit, G dividing 128) on integer dot products
+            (x as 23-bit fixed point per 8 columns, `vpdpbusd`; int4_matmul_cpu_kernel.h). A 2-D CPU
+            call without bias or autograd goes straight to the kernel once the dispatcher has picked
+            it (`_CPU_FAST`, `_C.int4_matmul_cpu_fast`: no pybind11 dispatcher); the kernel checks
+            every argument, and what it refuses takes the checked path here.
     torch   dequantize then matmul (the fallback)
 
 Backward: the weight is frozen, so only dx = dy @ W [M, K]: a Triton kernel (`_int4_matmul_bwd_kernel`,
