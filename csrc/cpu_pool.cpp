@@ -9,12 +9,10 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
-#include <memory>
 #include <mutex>
 #include <thread>
 
 #include <pthread.h>
-#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -71,6 +69,15 @@ struct Job {
   Prefetch after;             // read by the helper of lane 1 after its chunks (parallel_chunks)
   bool has_after = false;
   const ChunkFn* f = nullptr;  // called only for a claimed chunk, while the caller waits
+
+  // A call's chunks for `threads` threads (lanes): everything but the handoff's own fields.
+  void set(int64_t n_, int64_t grain_, const ChunkFn* f_, int threads) {
+    n = n_;
+    grain = grain_;
+    chunks = (n_ + grain_ - 1) / grain_;
+    f = f_;
+    split(threads);
+  }
 
   void split(int threads) {
     lanes = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)threads, (int64_t)kMaxLanes, chunks}));
@@ -139,16 +146,12 @@ class HelperPool {
       f(0, n);
       return;
     }
-    job.n = n;
-    job.grain = grain;
-    job.chunks = chunks;
-    job.f = &f;
+    job.set(n, grain, &f, helpers + 1);
     job.has_after = after != nullptr;
     if (after != nullptr) job.after = *after;
     job.lanes_taken.store(1, std::memory_order_relaxed);
     job.done.store(0, std::memory_order_relaxed);
     job.want.store(helpers, std::memory_order_relaxed);
-    job.split(helpers + 1);
     job.seq.store(seq, std::memory_order_seq_cst);
     gen_.store(seq, std::memory_order_seq_cst);  // published
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
@@ -320,11 +323,7 @@ void parallel_chunks(int64_t n, int64_t grain, int64_t work, ChunkFn f, const Pr
     // what is left of the others (the caller starts ~0.25 us before a woken worker: it takes over
     // the worker's last chunks instead of waiting for them)
     Job job;
-    job.n = n;
-    job.grain = grain;
-    job.chunks = (n + grain - 1) / grain;
-    job.f = &f;
-    job.split(threads);
+    job.set(n, grain, &f, threads);
     at::parallel_for(0, job.lanes, 1, [&](int64_t b, int64_t e) {
       for (int64_t l = b; l < e; ++l) job.work((int)l);
     });

@@ -180,6 +180,13 @@ int64_t gemm_min_m() {
 // / 100.6 -> 39.2 / 38.4 / 66.9 / 101.3, and the 8-bit 49152x576 head 892 / 1363 / 2757 / 3784 ->
 // 1084 / 1240 / 2326 / 3553.
 constexpr int64_t kPanelMinM = 2;
+// MOPS_INT4_CPU_AVX512=0 (read per call; tests compare both): the 8-lane layout, and so none of the
+// 128-column kernels (the wide fp32 GEMV, the VNNI one).
+bool wide_allowed() {
+  const char* env = std::getenv("MOPS_INT4_CPU_AVX512");
+  return !(env && env[0] == '0');
+}
+
 bool panel_fits(int64_t K) { return int64_t{12} * K * 4 <= 32 * 1024; }
 int64_t panel_min_m() {
   const char* env = std::getenv("MOPS_INT4_CPU_PANEL_MIN_M");
@@ -267,27 +274,22 @@ static at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qw
       return f32 ? y : y.to(x.scalar_type());
     }
   }
-#endif
-
-#if defined(__x86_64__) || defined(__i386__)
   // One token, 4-bit, G dividing 128, K >= 128, on an AVX-512 VNNI CPU: the integer kernel
   // (int4_matmul_cpu_kernel.h, "AVX-512 VNNI"), unless x holds what its fixed point cannot carry
   // (vnni_prepare_x says no) or MOPS_INT4_CPU_VNNI=0 (read per call; tests compare both kernels).
   if (M == 1 && bits == 4 && 128 % group_size == 0 && K >= 128 &&
       isa::active() == isa::kAvx2 && int4cpu::has_avx512_vnni()) {
     const char* env = std::getenv("MOPS_INT4_CPU_VNNI");
-    const char* wide_env = std::getenv("MOPS_INT4_CPU_AVX512");
-    if (!(env && env[0] == '0') && !(wide_env && wide_env[0] == '0')) {
+    if (!(env && env[0] == '0') && wide_allowed()) {
       const int64_t ng = K / group_size;
-      thread_local std::vector<int8_t> digits;
-      thread_local std::vector<float> fbuf;
-      digits.resize(3 * K);
-      fbuf.resize(K / 8 + ng);
-      float* lane_scale = fbuf.data();
+      thread_local struct { std::vector<int8_t> digits; std::vector<float> f; } scratch;  // x prepared
+      scratch.digits.resize(3 * K);
+      scratch.f.resize(K / 8 + ng);
+      int8_t* xd = scratch.digits.data();
+      float* lane_scale = scratch.f.data();
       float* xsum = lane_scale + K / 8;
       const float* xr = xf.data_ptr<float>();
-      const int8_t* xd = digits.data();
-      if (int4cpu::vnni_prepare_x(xr, digits.data(), lane_scale, xsum, K, group_size)) {
+      if (int4cpu::vnni_prepare_x(xr, xd, lane_scale, xsum, K, group_size)) {
         // (at::detail::empty_cpu: no trip through the dispatcher, ~0.1 us of a 3 us call)
         at::Tensor y = at::detail::empty_cpu({1, N}, at::kFloat);
         float* yp = y.data_ptr<float>();
@@ -313,10 +315,8 @@ static at::Tensor int4_matmul_cpu_impl(const at::Tensor& x, const at::Tensor& qw
     float* xsum = xp + Mpad * K;
     std::fill(xp + M * K, xp + Mpad * K, 0.f);  // padding rows: zeros
     std::fill(xsum + M * ng, xsum + Mpad * ng, 0.f);
-    // columns in the AVX-512 layout (the avx2 copy built with AVX-512 only), unless
-    // MOPS_INT4_CPU_AVX512=0 (tests compare both layouts)
-    const char* wide_env = std::getenv("MOPS_INT4_CPU_AVX512");
-    const bool allow_wide = !(wide_env && wide_env[0] == '0');
+    // columns in the AVX-512 layout (the avx2 copy built with AVX-512 only), unless wide_allowed() says no
+    const bool allow_wide = wide_allowed();
     int64_t K128 = 0;
     int level = 0;  // the 4-bit kernels' copy: 0 base, 1 avx2, 2 avx512 (the avx2 one + AVX-512 layout)
 #if defined(__x86_64__) || defined(__i386__)

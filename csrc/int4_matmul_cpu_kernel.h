@@ -39,6 +39,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifndef MOPS_INT4_ISA
 #error "define MOPS_INT4_ISA (base, avx2 or avx512) before including int4_matmul_cpu_kernel.h"
@@ -256,6 +257,18 @@ inline void decode128(__m512i v, int k, __m512& w0, __m512& w1) {
 #define MOPS_INT4_PREFETCH_BYTES 4096
 #endif
 constexpr int64_t kPrefetchBytes = MOPS_INT4_PREFETCH_BYTES;
+
+// Rows [b, e) of a 1-token kernel in steps of 8, then 4, then one by one: run(rows, lo, hi) with
+// rows a std::integral_constant (the kernel's ROWS). Each row's arithmetic is the same in all three
+// steps, so its bits do not depend on where a thread's chunk starts.
+template <typename Run>
+inline void rows_by_8_4_1(int64_t b, int64_t e, const Run& run) {
+  const int64_t m8 = b + (e - b) / 8 * 8;
+  const int64_t mid = m8 + (e - m8) / 4 * 4;
+  run(std::integral_constant<int, 8>(), b, m8);
+  run(std::integral_constant<int, 4>(), m8, mid);
+  run(std::integral_constant<int, 1>(), mid, e);
+}
 
 #ifdef MOPS_INT4_AVX2
 // The M = 1 kernels' software prefetch for a step of `rows` weight rows from row n: at the step's
@@ -567,16 +580,13 @@ void q4_gemv1_vnni(const int8_t* xd, const float* lane_scale, const float* x, co
   }
 }
 
-// One thread's share of a 1-token call on the VNNI kernel: output rows [b, e), 8 rows per step,
-// then 4, then one by one (the same per-row arithmetic in all three).
+// One thread's share of a 1-token call on the VNNI kernel: output rows [b, e) (rows_by_8_4_1).
 inline void q4_chunk_vnni(const int8_t* xd, const float* lane_scale, const float* x, const float* xsum,
                           const uint8_t* q, const uint16_t* s, const uint16_t* mn, float* y, int64_t N,
                           int64_t K, int64_t G, int64_t b, int64_t e) {
-  const int64_t m8 = b + (e - b) / 8 * 8;
-  const int64_t mid = m8 + (e - m8) / 4 * 4;
-  q4_gemv1_vnni<8>(xd, lane_scale, x, xsum, q, s, mn, y, K, G, b, m8, N);
-  q4_gemv1_vnni<4>(xd, lane_scale, x, xsum, q, s, mn, y, K, G, m8, mid, N);
-  q4_gemv1_vnni<1>(xd, lane_scale, x, xsum, q, s, mn, y, K, G, mid, e, N);
+  rows_by_8_4_1(b, e, [&](auto rows, int64_t lo, int64_t hi) {
+    q4_gemv1_vnni<decltype(rows)::value>(xd, lane_scale, x, xsum, q, s, mn, y, K, G, lo, hi, N);
+  });
 }
 #endif  // MOPS_INT4_VNNI
 
@@ -917,19 +927,16 @@ inline void q4_chunk(const float* xp, const float* xsum, const uint8_t* q, const
                      int64_t pass, int64_t b, int64_t e, int64_t K128) {
   const int64_t ng = K / G;
   if (M == 1) {
-    // 8 rows per step, then 4, then one by one (each row's arithmetic is the same in all three, so
-    // the bits do not depend on where a thread's chunk starts). 8 rows keep twice the weight lines in
+    // 8 rows per step, then 4, then one by one (rows_by_8_4_1). 8 rows keep twice the weight lines in
     // flight: from DRAM (a decode step) they stream faster, though the 8 rows' accumulators spill.
     // Ad hoc, one token, 2 threads, OMP_WAIT_POLICY=PASSIVE, weights rotated past the LLC, medians
     // of 3000 calls, best of 3 alternating rounds: 3072x576 64.1 -> 42.9 us, 960x576 26.9 -> 20.3,
     // 576x576 16.8 -> 13.0, 576x1536 26.5 -> 24.9, 192x576 9.2 -> 8.8; cache-resident 7-13% slower
     // (576x576 6.94 -> 7.72 us); SmolLM2 batch-1 decode in one process, alternating rounds:
     // 220-224 against 191-198 tok/s, and 189-221 against 164-193.
-    const int64_t m8 = b + (e - b) / 8 * 8;
-    const int64_t mid = m8 + (e - m8) / 4 * 4;
-    q4_gemv1<8>(xp, xsum, q, s, mn, y, K, G, b, m8, K128, N);
-    q4_gemv1<4>(xp, xsum, q, s, mn, y, K, G, m8, mid, K128, N);
-    q4_gemv1<1>(xp, xsum, q, s, mn, y, K, G, mid, e, K128, N);
+    rows_by_8_4_1(b, e, [&](auto rows, int64_t lo, int64_t hi) {
+      q4_gemv1<decltype(rows)::value>(xp, xsum, q, s, mn, y, K, G, lo, hi, K128, N);
+    });
     return;
   }
   for (int64_t m0 = 0; m0 < M; m0 += pass)
